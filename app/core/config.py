@@ -1,0 +1,387 @@
+"""The typed settings object and where its values come from.
+
+Precedence, lowest first: built-in defaults, ``config.json``, ``config/cache_config.json``,
+``config/database_config.json``, any other ``config/*.json`` in name order, then
+``TORONTO_AI_*`` environment variables (nested keys joined with ``__``, for example
+``TORONTO_AI_WORKER__CONCURRENCY=32``). The files are read from the folder named by
+``TORONTO_AI_CONFIG_DIR``, or from the current folder.
+
+``load_settings()`` is the only entry point: it validates everything once at start-up and
+raises ``ConfigError`` with one line per problem, naming the key, the value, where it came
+from and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "TORONTO_AI_"
+CONFIG_DIR_VARIABLE = "TORONTO_AI_CONFIG_DIR"
+FIRST_CONFIG_FILES = ("config/cache_config.json", "config/database_config.json")
+DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///data/toronto_ai.db"
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "changethis", "secret", "password", "placeholder", "xxx"}
+)
+
+
+class Section(BaseModel):
+    """A nested settings section: unknown keys are errors, so typos fail at start-up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseEndpoint(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(5432, ge=1, le=65535)
+    username: str = "postgres"
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="File whose first line is the password")
+    database: str = "toronto_ai"
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").splitlines()[0]
+        return None
+
+
+class DatabaseSettings(Section):
+    url: str | None = Field(
+        None, description="SQLAlchemy URL; overrides `master`. Default: a SQLite file under data/"
+    )
+    master: DatabaseEndpoint | None = None
+    read_replicas: list[DatabaseEndpoint] = Field(default_factory=list)
+    pool_size: int = Field(10, ge=1, le=1000)
+    max_overflow: int = Field(5, ge=0, le=1000)
+    pool_timeout_seconds: float = Field(10.0, gt=0)
+    pool_recycle_seconds: float = Field(1800.0, gt=0)
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    statement_timeout_ms: int = Field(30_000, ge=0, description="0 disables the timeout")
+    sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
+    echo: bool = False
+
+    def sqlalchemy_url(self) -> str:
+        if self.url:
+            return self.url
+        if self.master is None:
+            return DEFAULT_SQLITE_URL
+        password = self.master.resolved_password()
+        credentials = self.master.username + (f":{password}" if password else "")
+        return (
+            f"postgresql+asyncpg://{credentials}@{self.master.host}:{self.master.port}/{self.master.database}"
+        )
+
+
+class ProviderSettings(Section):
+    """One LLM endpoint. ``kind`` selects the protocol."""
+
+    kind: Literal["openai", "anthropic", "offline"]
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=20)
+    retry_backoff_seconds: float = Field(1.0, ge=0)
+    max_retry_after_seconds: float = Field(60.0, ge=0)
+    latency_ms: float = Field(0.0, ge=0, description="Simulated latency per call, offline kind only")
+    prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Model name to (input, output) price in USD per million tokens",
+    )
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text(encoding="utf-8").strip()
+        return None
+
+
+class AgentSettings(Section):
+    """One role of the default team. Roles not listed keep their built-in definition."""
+
+    role: str = Field(pattern=r"^[a-z][a-z0-9_]{1,39}$")
+    model: str | None = Field(None, description="Default: llm.default_model")
+    provider: str | None = Field(None, description="Default: llm.default_provider")
+    enabled: bool = True
+    title: str | None = None
+    instructions: str | None = None
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(2048, ge=16, le=200_000)
+
+
+class LLMSettings(Section):
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
+    default_provider: str = Field("offline", description="Provider of roles that name none")
+    default_model: str = Field("offline-1", description="Model of roles that name none")
+    allow_offline_in_production: bool = False
+
+
+class CachingSettings(Section):
+    """The LLM response cache. Only deterministic calls (temperature 0) are cached."""
+
+    enabled: bool = True
+    provider: Literal["memory"] = "memory"
+    ttl: int = Field(3600, ge=1, description="Seconds")
+    max_entries: int = Field(10_000, ge=1)
+
+
+class WorkerSettings(Section):
+    concurrency: int = Field(16, ge=1, le=2000, description="Tasks one worker process runs at once")
+    poll_interval_seconds: float = Field(1.0, gt=0, le=60)
+    lease_seconds: float = Field(30.0, ge=1)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+    max_attempts: int = Field(3, ge=1, le=20)
+    backoff_base_seconds: float = Field(2.0, ge=0)
+    backoff_max_seconds: float = Field(60.0, ge=0)
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
+
+    @model_validator(mode="after")
+    def heartbeat_within_lease(self) -> WorkerSettings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than lease_seconds "
+                f"({self.lease_seconds}), or every lease expires between two heartbeats"
+            )
+        return self
+
+
+class PlanningSettings(Section):
+    max_tasks: int = Field(20, ge=1, le=500)
+    max_title_chars: int = Field(200, ge=10)
+    max_description_chars: int = Field(4000, ge=50)
+    max_plan_attempts: int = Field(3, ge=1, le=10)
+
+
+class ApiSettings(Section):
+    max_brief_chars: int = Field(20_000, ge=100)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    page_size_max: int = Field(100, ge=1)
+    sse_poll_interval_seconds: float = Field(0.5, gt=0)
+    sse_keepalive_seconds: float = Field(15.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    env: Literal["development", "test", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "text"
+    offline_latency_ms: float = Field(0.0, ge=0, description="Simulated latency of the offline provider")
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    agents: list[AgentSettings] = Field(default_factory=list)
+    caching: CachingSettings = Field(default_factory=CachingSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    planning: PlanningSettings = Field(default_factory=PlanningSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: the environment overrides the merged files, which arrive as
+        # init arguments from load_settings().
+        return (env_settings, init_settings)
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.database.sqlalchemy_url().startswith("sqlite")
+
+    @model_validator(mode="after")
+    def providers_of_agents_exist(self) -> Settings:
+        known = set(self.llm.providers) | {"offline"}
+        if self.llm.default_provider not in known:
+            raise ValueError(
+                f"llm.default_provider: unknown provider {self.llm.default_provider!r}; accepted "
+                f"values: {', '.join(sorted(known))} (add it under llm.providers)"
+            )
+        for index, agent in enumerate(self.agents):
+            if agent.provider is not None and agent.provider not in known:
+                raise ValueError(
+                    f"agents.{index}.provider: unknown provider {agent.provider!r} for role "
+                    f"{agent.role!r}; accepted values: {', '.join(sorted(known))} "
+                    "(add it under llm.providers)"
+                )
+        return self
+
+    def provider_kind(self, name: str) -> str:
+        provider = self.llm.providers.get(name)
+        return provider.kind if provider else "offline"
+
+
+def config_files(config_dir: Path) -> list[Path]:
+    """List the configuration files that exist, lowest precedence first."""
+    candidates = [config_dir / "config.json"] + [config_dir / name for name in FIRST_CONFIG_FILES]
+    extra = sorted((config_dir / "config").glob("*.json"))
+    candidates += [path for path in extra if path not in candidates]
+    return [path for path in candidates if path.is_file()]
+
+
+def load_settings(config_dir: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read, merge and validate every configuration source."""
+    environ = dict(os.environ if environ is None else environ)
+    config_dir = config_dir or Path(environ.get(CONFIG_DIR_VARIABLE, "."))
+
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for path in config_files(config_dir):
+        document = _read_json(path)
+        _deep_merge(merged, document, origins, str(path))
+
+    _reject_unknown_variables(environ)
+    try:
+        settings = _build(merged, environ)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origins, environ)) from exc
+
+    _check_production_safety(settings)
+    return settings
+
+
+def _build(merged: dict[str, Any], environ: dict[str, str]) -> Settings:
+    # pydantic-settings reads os.environ; swap it for the given mapping while validating so
+    # that tests can pass an environment without touching the process's own.
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(environ)
+        return Settings(**merged)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object, not {type(document).__name__}")
+    return document
+
+
+def _deep_merge(
+    target: dict[str, Any], update: dict[str, Any], origins: dict[str, str], origin: str, prefix: str = ""
+) -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value, origins, origin, dotted + ".")
+        else:
+            target[key] = value
+        origins[dotted] = origin
+
+
+def _reject_unknown_variables(environ: dict[str, str]) -> None:
+    known = {name.upper() for name in Settings.model_fields} | {"CONFIG_DIR"}
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        top = variable[len(ENV_PREFIX) :].split("__", 1)[0]
+        if top not in known:
+            accepted = ", ".join(ENV_PREFIX + name for name in sorted(known))
+            raise ConfigError(f"unknown environment variable {variable}; accepted prefixes: {accepted}")
+
+
+def _describe(exc: ValidationError, origins: dict[str, str], environ: dict[str, str]) -> str:
+    lines = ["invalid configuration:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        source = _source_of(key, origins, environ)
+        value = error.get("input")
+        shown = "(missing)" if error["type"] == "missing" else repr(value)
+        if isinstance(value, dict):
+            shown = "{...}"
+        lines.append(f"  {key} = {shown} from {source}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _source_of(key: str, origins: dict[str, str], environ: dict[str, str]) -> str:
+    variable = ENV_PREFIX + key.upper().replace(".", "__")
+    if variable in environ:
+        return f"environment variable {variable}"
+    parts = key.split(".")
+    for length in range(len(parts), 0, -1):
+        origin = origins.get(".".join(parts[:length]))
+        if origin:
+            return origin
+    return "defaults"
+
+
+def _check_production_safety(settings: Settings) -> None:
+    if settings.uses_sqlite:
+        level = logging.WARNING if settings.is_production else logging.DEBUG
+        logger.log(
+            level,
+            "database is a SQLite file; use PostgreSQL for several hosts",
+            extra={"action": "config.sqlite_in_use", "env": settings.env},
+        )
+    if not settings.is_production:
+        return
+
+    problems: list[str] = []
+    for name, provider in settings.llm.providers.items():
+        if provider.kind == "offline":
+            continue
+        key = provider.resolved_api_key()
+        if key is None or key.strip().lower() in PLACEHOLDER_SECRETS:
+            problems.append(
+                f"llm.providers.{name}.api_key: no real API key configured; set api_key, "
+                f"api_key_file or TORONTO_AI_LLM__PROVIDERS__{name.upper()}__API_KEY"
+            )
+    default_is_offline = settings.provider_kind(settings.llm.default_provider) == "offline"
+    uses_offline = default_is_offline or any(
+        agent.enabled and agent.provider is not None and settings.provider_kind(agent.provider) == "offline"
+        for agent in settings.agents
+    )
+    if uses_offline and not settings.llm.allow_offline_in_production:
+        problems.append(
+            "llm: a role uses the offline provider, which writes template text instead of calling "
+            "a model; configure a provider under llm.providers and make it llm.default_provider, or set "
+            "llm.allow_offline_in_production to true for a demonstration deployment"
+        )
+    endpoints = ([settings.database.master] if settings.database.master else []) + list(
+        settings.database.read_replicas
+    )
+    for endpoint in endpoints:
+        password = endpoint.resolved_password()
+        if password is not None and password.strip().lower() in PLACEHOLDER_SECRETS:
+            problems.append(
+                f"database password for {endpoint.host}:{endpoint.port} is a placeholder; "
+                "set a real one through password_file or the environment"
+            )
+    if problems:
+        raise ConfigError("unsafe settings for TORONTO_AI_ENV=production:\n  " + "\n  ".join(problems))
