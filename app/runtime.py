@@ -1,0 +1,64 @@
+"""The objects one process needs, built from the settings and closed in reverse order.
+
+Nothing here is created at import time: each entry point (API, worker, CLI) calls
+``Runtime.start()`` with its validated settings and owns the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from app.agent.executor import TaskExecutor
+from app.agent.team import RoleSpec, build_team, sync_team
+from app.core.config import Settings
+from app.db.engine import Database
+from app.db.migrate import check_schema, lock_startup, upgrade
+from app.llm.cache import ResponseCache
+from app.llm.registry import ProviderRegistry
+from app.worker.queue import TaskQueue
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    database: Database
+    team: dict[str, RoleSpec]
+    providers: ProviderRegistry
+    cache: ResponseCache
+    queue: TaskQueue
+    executor: TaskExecutor
+    # Set by the all-in-one process so that a new project wakes its embedded worker at once.
+    notify_work: Callable[[], None] | None = None
+
+    @classmethod
+    async def start(cls, settings: Settings, *, migrate: bool) -> Runtime:
+        """Connect, migrate (or check the schema), store the team and build the providers."""
+        team = build_team(settings)
+        database = Database(settings.database)
+        try:
+            if migrate:
+                await upgrade(database)
+            await check_schema(database)
+            async with database.transaction() as connection:
+                await lock_startup(database, connection)
+                await sync_team(connection, team)
+            providers = ProviderRegistry.from_settings(settings)
+        except BaseException:
+            await database.dispose()
+            raise
+
+        logger.info(
+            "connected to %s", database.describe(), extra={"action": "runtime.started", "env": settings.env}
+        )
+        cache = ResponseCache(settings.caching)
+        queue = TaskQueue(database, settings.worker)
+        executor = TaskExecutor(database, queue, providers, cache, settings)
+        return cls(settings, database, team, providers, cache, queue, executor)
+
+    async def aclose(self) -> None:
+        await self.providers.aclose()
+        await self.database.dispose()

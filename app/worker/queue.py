@@ -1,0 +1,385 @@
+"""The durable task queue: every database operation on task leases.
+
+A worker claims ready tasks by taking a lease: ``status`` becomes running, ``lease_owner``
+names the worker and ``lease_token`` is incremented. Every later write for that task checks
+the token it was claimed with, so a worker whose lease expired and was taken over cannot
+store a late result. The sweeper returns tasks whose lease expired to the queue.
+
+On PostgreSQL the claim selects rows ``FOR UPDATE SKIP LOCKED``, so concurrent workers
+never wait for each other's rows; on SQLite the write transaction itself is exclusive.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.core.config import WorkerSettings
+from app.db.engine import Database
+from app.db.models import projects, task_attempts, tasks
+from app.db.records import NewEvent, append_events, utc_now
+from app.db.states import OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed task, as the worker that holds it sees it."""
+
+    task_id: str
+    project_id: str
+    kind: str
+    key: str
+    title: str
+    description: str
+    role: str
+    attempt: int
+    max_attempts: int
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredLease:
+    task_id: str
+    project_id: str
+    owner: str | None
+    attempts: int
+    failed: bool
+
+
+class TaskQueue:
+    def __init__(self, database: Database, settings: WorkerSettings) -> None:
+        self.database = database
+        self.settings = settings
+
+    async def claim(self, worker_id: str, limit: int) -> list[Lease]:
+        """Lease up to ``limit`` ready tasks, oldest first."""
+        now = time.time()
+        candidates = (
+            select(tasks.c.id)
+            .where(tasks.c.status == TaskStatus.READY, tasks.c.available_at <= now)
+            .order_by(tasks.c.available_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        async with self.database.transaction() as connection:
+            rows = (
+                await connection.execute(
+                    update(tasks)
+                    .where(tasks.c.id.in_(candidates.scalar_subquery()), tasks.c.status == TaskStatus.READY)
+                    .values(
+                        status=TaskStatus.RUNNING,
+                        lease_owner=worker_id,
+                        lease_token=tasks.c.lease_token + 1,
+                        lease_expires_at=now + self.settings.lease_seconds,
+                        attempts=tasks.c.attempts + 1,
+                        started_at=func.coalesce(tasks.c.started_at, utc_now()),
+                    )
+                    .returning(
+                        tasks.c.id,
+                        tasks.c.project_id,
+                        tasks.c.kind,
+                        tasks.c.key,
+                        tasks.c.title,
+                        tasks.c.description,
+                        tasks.c.role,
+                        tasks.c.attempts,
+                        tasks.c.max_attempts,
+                        tasks.c.lease_token,
+                    )
+                )
+            ).all()
+            leases = [Lease(*row) for row in rows]
+            if leases:
+                await self._record_claims(connection, worker_id, leases)
+        return leases
+
+    async def heartbeat(self, worker_id: str, held: dict[str, int]) -> set[str]:
+        """Extend the leases of ``held`` (task id to token); return the ids no longer held."""
+        if not held:
+            return set()
+        async with self.database.transaction() as connection:
+            rows = await connection.execute(
+                update(tasks)
+                .where(
+                    tasks.c.lease_owner == worker_id,
+                    tasks.c.status == TaskStatus.RUNNING,
+                    tasks.c.id.in_(list(held)),
+                )
+                .values(lease_expires_at=time.time() + self.settings.lease_seconds)
+                .returning(tasks.c.id, tasks.c.lease_token)
+            )
+            renewed = {task_id for task_id, token in rows if held.get(task_id) == token}
+        return set(held) - renewed
+
+    async def sweep_expired(self) -> list[ExpiredLease]:
+        """Requeue tasks whose lease expired; fail those that used every attempt."""
+        now = time.time()
+        async with self.database.transaction() as connection:
+            rows = (
+                await connection.execute(
+                    select(
+                        tasks.c.id,
+                        tasks.c.project_id,
+                        tasks.c.lease_owner,
+                        tasks.c.lease_token,
+                        tasks.c.attempts,
+                        tasks.c.max_attempts,
+                        tasks.c.key,
+                        tasks.c.title,
+                        tasks.c.role,
+                    )
+                    .where(tasks.c.status == TaskStatus.RUNNING, tasks.c.lease_expires_at < now)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+
+            expired = []
+            for row in rows:
+                failed = row.attempts >= row.max_attempts
+                reason = f"the lease of worker {row.lease_owner} expired; the worker stopped or lost its database connection"
+                if failed:
+                    await self.fail(
+                        connection, row.id, row.project_id, row.lease_token, _describe(row, reason)
+                    )
+                else:
+                    await self._requeue(connection, row.id, row.lease_token, available_at=now, error=reason)
+                await _finish_attempt(connection, row.id, row.lease_token, "lease_expired", reason)
+                await append_events(
+                    connection,
+                    row.project_id,
+                    [
+                        NewEvent(
+                            "task.lease_expired",
+                            {"worker_id": row.lease_owner, "attempts": row.attempts},
+                            row.id,
+                        )
+                    ],
+                )
+                expired.append(ExpiredLease(row.id, row.project_id, row.lease_owner, row.attempts, failed))
+        return expired
+
+    async def release(self, lease: Lease) -> bool:
+        """Give a task back without counting the attempt, for a worker that shuts down."""
+        async with self.database.transaction() as connection:
+            result = await connection.execute(
+                update(tasks)
+                .where(_held(lease.task_id, lease.token))
+                .values(
+                    status=TaskStatus.READY,
+                    attempts=tasks.c.attempts - 1,
+                    available_at=time.time(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+            if result.rowcount:
+                await _finish_attempt(connection, lease.task_id, lease.token, "released", None)
+                await append_events(
+                    connection, lease.project_id, [NewEvent("task.released", {}, lease.task_id)]
+                )
+        return bool(result.rowcount)
+
+    async def retry_later(
+        self, connection: AsyncConnection, lease: Lease, error: str, delay: float | None = None
+    ) -> bool:
+        """Return a failed attempt to the queue after an exponential backoff with jitter."""
+        if delay is None:
+            delay = self.backoff_seconds(lease.attempt)
+        stored = await self._requeue(
+            connection, lease.task_id, lease.token, available_at=time.time() + delay, error=error
+        )
+        if stored:
+            await _finish_attempt(connection, lease.task_id, lease.token, "retry", error)
+            await append_events(
+                connection,
+                lease.project_id,
+                [
+                    NewEvent(
+                        "task.retrying",
+                        {"attempt": lease.attempt, "delay_seconds": round(delay, 3), "error": error},
+                        lease.task_id,
+                    )
+                ],
+            )
+        return stored
+
+    def backoff_seconds(self, attempt: int) -> float:
+        ceiling = min(
+            self.settings.backoff_max_seconds, self.settings.backoff_base_seconds * 2 ** (attempt - 1)
+        )
+        # Full jitter keeps the retries of many tasks that failed together from arriving together.
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def complete(self, connection: AsyncConnection, lease: Lease, output: str) -> bool:
+        """Store a task's output and release the tasks that waited for it.
+
+        Returns False, and changes nothing, when the lease is no longer held: the task was
+        cancelled or its lease expired and another worker took it over.
+        """
+        result = await connection.execute(
+            update(tasks)
+            .where(_held(lease.task_id, lease.token))
+            .values(
+                status=TaskStatus.COMPLETED,
+                output=output,
+                error=None,
+                finished_at=utc_now(),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        if not result.rowcount:
+            return False
+
+        await _finish_attempt(connection, lease.task_id, lease.token, "completed", None)
+        released = await release_dependents(connection, lease.task_id)
+        await append_events(
+            connection,
+            lease.project_id,
+            [NewEvent("task.completed", {"key": lease.key, "role": lease.role}, lease.task_id)]
+            + [NewEvent("task.ready", {}, task_id) for task_id in released],
+        )
+        return True
+
+    async def fail(
+        self, connection: AsyncConnection, task_id: str, project_id: str, token: int, reason: str
+    ) -> bool:
+        """Fail a task for good, fail its project with the reason and cancel the rest."""
+        result = await connection.execute(
+            update(tasks)
+            .where(_held(task_id, token))
+            .values(
+                status=TaskStatus.FAILED,
+                error=reason,
+                finished_at=utc_now(),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        if not result.rowcount:
+            return False
+
+        await _finish_attempt(connection, task_id, token, "failed", reason)
+        await connection.execute(
+            update(tasks)
+            .where(tasks.c.project_id == project_id, tasks.c.status.in_(list(OPEN_TASK_STATUSES)))
+            .values(status=TaskStatus.CANCELLED, lease_owner=None, lease_expires_at=None)
+        )
+        await connection.execute(
+            update(projects)
+            .where(
+                projects.c.id == project_id,
+                projects.c.status.not_in([ProjectStatus.COMPLETED, ProjectStatus.CANCELLED]),
+            )
+            .values(status=ProjectStatus.FAILED, error=reason, updated_at=utc_now(), finished_at=utc_now())
+        )
+        await append_events(
+            connection,
+            project_id,
+            [
+                NewEvent("task.failed", {"error": reason}, task_id),
+                NewEvent("project.failed", {"error": reason}),
+            ],
+        )
+        return True
+
+    async def _requeue(
+        self, connection: AsyncConnection, task_id: str, token: int, *, available_at: float, error: str
+    ) -> bool:
+        result = await connection.execute(
+            update(tasks)
+            .where(_held(task_id, token))
+            .values(
+                status=TaskStatus.READY,
+                available_at=available_at,
+                error=error,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        return bool(result.rowcount)
+
+    async def _record_claims(self, connection: AsyncConnection, worker_id: str, leases: list[Lease]) -> None:
+        now = utc_now()
+        await connection.execute(
+            task_attempts.insert(),
+            [
+                {
+                    "task_id": lease.task_id,
+                    "number": lease.attempt,
+                    "worker_id": worker_id,
+                    "lease_token": lease.token,
+                    "outcome": "running",
+                    "started_at": now,
+                }
+                for lease in leases
+            ],
+        )
+
+        by_project: dict[str, list[NewEvent]] = {}
+        for lease in leases:
+            by_project.setdefault(lease.project_id, []).append(
+                NewEvent(
+                    "task.started",
+                    {"key": lease.key, "role": lease.role, "attempt": lease.attempt, "worker_id": worker_id},
+                    lease.task_id,
+                )
+            )
+        planning = [lease.project_id for lease in leases if lease.kind == TaskKind.PLAN]
+        if planning:
+            started = await connection.execute(
+                update(projects)
+                .where(projects.c.id.in_(planning), projects.c.status == ProjectStatus.QUEUED)
+                .values(status=ProjectStatus.PLANNING, updated_at=now)
+                .returning(projects.c.id)
+            )
+            for (project_id,) in started:
+                by_project[project_id].insert(0, NewEvent("project.planning"))
+
+        for project_id in sorted(by_project):  # a fixed order, so two claims never lock projects crosswise
+            await append_events(connection, project_id, by_project[project_id])
+
+
+async def release_dependents(connection: AsyncConnection, task_id: str) -> list[str]:
+    """Count a finished dependency off its dependents; return the ids that became ready."""
+    from app.db.models import task_dependencies
+
+    dependents = select(task_dependencies.c.task_id).where(task_dependencies.c.depends_on_id == task_id)
+    await connection.execute(
+        update(tasks)
+        .where(tasks.c.id.in_(dependents.scalar_subquery()))
+        .values(pending_dependencies=tasks.c.pending_dependencies - 1)
+    )
+    rows = await connection.execute(
+        update(tasks)
+        .where(
+            tasks.c.id.in_(dependents.scalar_subquery()),
+            tasks.c.pending_dependencies == 0,
+            tasks.c.status == TaskStatus.BLOCKED,
+        )
+        .values(status=TaskStatus.READY, available_at=time.time())
+        .returning(tasks.c.id)
+    )
+    return [task_id for (task_id,) in rows]
+
+
+def _held(task_id: str, token: int):
+    return and_(tasks.c.id == task_id, tasks.c.lease_token == token, tasks.c.status == TaskStatus.RUNNING)
+
+
+async def _finish_attempt(
+    connection: AsyncConnection, task_id: str, token: int, outcome: str, error: str | None
+) -> None:
+    await connection.execute(
+        update(task_attempts)
+        .where(task_attempts.c.task_id == task_id, task_attempts.c.lease_token == token)
+        .values(outcome=outcome, error=error, finished_at=utc_now())
+    )
+
+
+def _describe(row, reason: str) -> str:
+    return f"task {row.key} {row.title!r} ({row.role}) failed after {row.attempts} attempts: {reason}"

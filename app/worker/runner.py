@@ -1,0 +1,306 @@
+"""The worker's run loop: claim, execute concurrently, heartbeat, sweep, shut down cleanly.
+
+One worker process runs up to ``worker.concurrency`` tasks at once as asyncio tasks. Three
+loops run beside them: claiming (woken when a slot frees up, or every poll interval),
+heartbeating every held lease in one statement, and sweeping expired leases of any worker.
+
+Shutdown (SIGTERM or ``stop()``) stops claiming at once, gives running tasks
+``shutdown_grace_seconds`` to finish, then cancels the rest and releases their leases
+without counting the attempt, so another worker picks them up straight away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from contextlib import suppress
+
+from app.agent.executor import Execution, ProjectClosedError, TaskExecutor
+from app.core.config import Settings
+from app.db.engine import Database
+from app.errors import LLMError, LLMRateLimitError, PlanValidationError
+from app.worker.queue import Lease
+
+logger = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self, database: Database, executor: TaskExecutor, settings: Settings, worker_id: str | None = None
+    ) -> None:
+        self.database = database
+        self.executor = executor
+        self.queue = executor.queue
+        self.settings = settings.worker
+        self.worker_id = worker_id or new_worker_id()
+        self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.completed = 0
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll, for a caller that just queued work."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Work until stop() is called, then drain; returns when every lease is finished or released."""
+        logger.info(
+            "worker started",
+            extra={
+                "action": "worker.started",
+                "worker_id": self.worker_id,
+                "concurrency": self.settings.concurrency,
+            },
+        )
+        loops = [
+            asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.worker_id}"),
+            asyncio.create_task(self._sweep_loop(), name=f"sweeper-{self.worker_id}"),
+        ]
+        try:
+            await self._claim_loop()
+            await self._drain()
+        finally:
+            for loop in loops:
+                loop.cancel()
+            for loop in loops:
+                with suppress(asyncio.CancelledError):
+                    await loop
+            logger.info(
+                "worker stopped",
+                extra={"action": "worker.stopped", "worker_id": self.worker_id, "completed": self.completed},
+            )
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
+            # Cleared before the claim, so a wake-up that arrives while claiming is kept.
+            self._wake.clear()
+            free = self.settings.concurrency - len(self._running)
+            claimed: list[Lease] = []
+            if free > 0:
+                try:
+                    claimed = await self.queue.claim(self.worker_id, free)
+                except Exception as exc:  # noqa: BLE001 - a database outage must not end the worker
+                    logger.error(
+                        "claiming tasks failed: %s",
+                        exc,
+                        extra={"action": "worker.claim_failed", "worker_id": self.worker_id},
+                    )
+                    await self._sleep(self.settings.poll_interval_seconds)
+                    continue
+            for lease in claimed:
+                self._start(lease)
+
+            if claimed and len(claimed) == free:
+                continue  # the queue may hold more; claim again as soon as a slot frees up
+            await self._sleep(self.settings.poll_interval_seconds)
+
+    async def _sleep(self, seconds: float) -> None:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+
+    def _start(self, lease: Lease) -> None:
+        logger.info(
+            "task claimed",
+            extra={
+                "action": "task.claimed",
+                "worker_id": self.worker_id,
+                "task_id": lease.task_id,
+                "project_id": lease.project_id,
+                "attempt": lease.attempt,
+                "kind": lease.kind,
+            },
+        )
+        task = asyncio.create_task(self._run_task(lease), name=f"task-{lease.task_id}")
+        self._running[lease.task_id] = (lease, task)
+
+    async def _run_task(self, lease: Lease) -> None:
+        try:
+            await self._execute(lease)
+        except Exception as exc:  # noqa: BLE001 - the lease expires and the sweeper requeues the task
+            logger.error(
+                "storing the task's result failed: %s",
+                exc,
+                extra={
+                    "action": "task.store_failed",
+                    "worker_id": self.worker_id,
+                    "task_id": lease.task_id,
+                    "project_id": lease.project_id,
+                },
+            )
+        finally:
+            self._running.pop(lease.task_id, None)
+            self._wake.set()  # a slot is free, and finishing may have made dependents ready
+
+    async def _execute(self, lease: Lease) -> None:
+        execution = Execution(lease)
+        ids = {"worker_id": self.worker_id, "task_id": lease.task_id, "project_id": lease.project_id}
+        try:
+            await self.executor.execute(execution)
+        except asyncio.CancelledError:
+            raise
+        except ProjectClosedError:
+            logger.info("task skipped: its project is closed", extra={"action": "task.skipped", **ids})
+            return
+        except PlanValidationError as exc:
+            await self._fail(execution, str(exc))
+            return
+        except LLMError as exc:
+            if exc.retryable and lease.attempt < lease.max_attempts:
+                delay = exc.retry_after if isinstance(exc, LLMRateLimitError) and exc.retry_after else None
+                await self._retry(execution, f"{type(exc).__name__}: {exc}", delay)
+            else:
+                await self._fail(execution, f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - an unexpected error fails the attempt, not the worker
+            logger.exception("task raised an unexpected error", extra={"action": "task.error", **ids})
+            if lease.attempt < lease.max_attempts:
+                await self._retry(execution, f"{type(exc).__name__}: {exc}", None)
+            else:
+                await self._fail(execution, f"{type(exc).__name__}: {exc}")
+            return
+
+        async with self.database.transaction() as connection:
+            stored = await self.executor.store(connection, execution)
+        if stored:
+            self.completed += 1
+            logger.info("task completed", extra={"action": "task.completed", **ids})
+        else:
+            logger.warning(
+                "result discarded: the lease was lost", extra={"action": "task.result_discarded", **ids}
+            )
+
+    async def _retry(self, execution: Execution, error: str, delay: float | None) -> None:
+        lease = execution.lease
+        async with self.database.transaction() as connection:
+            await _store_calls(connection, execution)
+            stored = await self.queue.retry_later(connection, lease, error, delay)
+        if stored:
+            logger.warning(
+                "task will be retried: %s",
+                error,
+                extra={
+                    "action": "task.retry",
+                    "worker_id": self.worker_id,
+                    "task_id": lease.task_id,
+                    "project_id": lease.project_id,
+                    "attempt": lease.attempt,
+                },
+            )
+
+    async def _fail(self, execution: Execution, error: str) -> None:
+        lease = execution.lease
+        reason = f"task {lease.key} {lease.title!r} ({lease.role}) failed on attempt {lease.attempt}: {error}"
+        async with self.database.transaction() as connection:
+            await _store_calls(connection, execution)
+            stored = await self.queue.fail(connection, lease.task_id, lease.project_id, lease.token, reason)
+        if stored:
+            logger.error(
+                "task failed: %s",
+                reason,
+                extra={
+                    "action": "task.failed",
+                    "worker_id": self.worker_id,
+                    "task_id": lease.task_id,
+                    "project_id": lease.project_id,
+                },
+            )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            held = {task_id: lease.token for task_id, (lease, _) in self._running.items()}
+            try:
+                lost = await self.queue.heartbeat(self.worker_id, held)
+            except Exception as exc:  # noqa: BLE001 - retried at the next beat, well within the lease
+                logger.error(
+                    "heartbeat failed: %s",
+                    exc,
+                    extra={"action": "worker.heartbeat_failed", "worker_id": self.worker_id},
+                )
+                continue
+            for task_id in lost:
+                entry = self._running.get(task_id)
+                if entry is not None:
+                    logger.info(
+                        "lease lost, stopping the task",
+                        extra={
+                            "action": "task.lease_lost",
+                            "worker_id": self.worker_id,
+                            "task_id": task_id,
+                            "project_id": entry[0].project_id,
+                        },
+                    )
+                    entry[1].cancel()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                expired = await self.queue.sweep_expired()
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                logger.error(
+                    "sweeping expired leases failed: %s",
+                    exc,
+                    extra={"action": "worker.sweep_failed", "worker_id": self.worker_id},
+                )
+                expired = []
+            for lease in expired:
+                logger.warning(
+                    "lease expired: task %s of worker %s %s",
+                    lease.task_id,
+                    lease.owner,
+                    "failed for good" if lease.failed else "returned to the queue",
+                    extra={
+                        "action": "task.lease_expired",
+                        "worker_id": self.worker_id,
+                        "task_id": lease.task_id,
+                        "project_id": lease.project_id,
+                        "previous_owner": lease.owner,
+                        "attempts": lease.attempts,
+                    },
+                )
+            if expired:
+                self._wake.set()
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+
+    async def _drain(self) -> None:
+        if not self._running:
+            return
+        pending = [task for _, task in self._running.values()]
+        logger.info(
+            "draining running tasks",
+            extra={"action": "worker.draining", "worker_id": self.worker_id, "running": len(pending)},
+        )
+        await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
+
+        for lease, task in list(self._running.values()):
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            if await self.queue.release(lease):
+                logger.info(
+                    "lease released at shutdown",
+                    extra={
+                        "action": "task.released",
+                        "worker_id": self.worker_id,
+                        "task_id": lease.task_id,
+                        "project_id": lease.project_id,
+                    },
+                )
+
+
+async def _store_calls(connection, execution: Execution) -> None:
+    from app.db.records import add_llm_calls
+
+    lease = execution.lease
+    await add_llm_calls(connection, lease.project_id, lease.task_id, lease.attempt, execution.calls)
