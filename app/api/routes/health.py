@@ -1,0 +1,53 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response, status
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from app.api.deps import RuntimeDep
+from app.db.migrate import check_schema
+from app.monitoring.metrics import refresh_database_gauges
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["metrics"])
+
+
+@router.get("/health")
+async def read_health() -> dict[str, str]:
+    """Liveness: the process serves requests. Dependencies are checked by /ready."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
+    """Readiness: the database answers and its schema is the one this code expects."""
+    checks: dict[str, str] = {}
+    try:
+        async with runtime.database.read() as connection:
+            await connection.execute(text("SELECT 1"))
+        await check_schema(runtime.database)
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; the reason is reported
+        logger.warning("readiness check failed: %s", exc, extra={"action": "health.not_ready"})
+        checks["database"] = f"failed: {type(exc).__name__}: {exc}"
+
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse(
+        status_code=status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"status": "ready" if ready else "not ready", "checks": checks},
+    )
+
+
+@metrics_router.get("/metrics")
+async def read_metrics(runtime: RuntimeDep) -> Response:
+    try:
+        await refresh_database_gauges(runtime.database)
+    except Exception as exc:  # noqa: BLE001 - the process metrics are still worth serving
+        logger.warning("reading queue gauges failed: %s", exc, extra={"action": "metrics.database_failed"})
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,278 @@
+"""Projects: create, list, read, cancel, read a task, and follow events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from sqlalchemy import case, func, select
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from app.agent.team import PROJECT_MANAGER, load_team
+from app.api.deps import RuntimeDep
+from app.api.schemas import (
+    OFFLINE_NOTICE,
+    AttemptPublic,
+    EventPage,
+    EventPublic,
+    LLMCallPublic,
+    MessagePublic,
+    ProjectAccepted,
+    ProjectCreate,
+    ProjectPage,
+    ProjectPublic,
+    ProjectSummary,
+    TaskDetail,
+    TaskPublic,
+    UsagePublic,
+    as_utc,
+)
+from app.db import projects as store
+from app.db.models import events, llm_calls, messages, projects
+from app.db.states import FINAL_PROJECT_STATUSES, ProjectStatus
+from app.monitoring.metrics import PROJECTS_CREATED
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
+
+EVENTS_PER_READ = 500
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProjectAccepted)
+async def create_project(body: ProjectCreate, runtime: RuntimeDep) -> ProjectAccepted:
+    """Queue a project; the project manager plans it as soon as a worker is free."""
+    limit = runtime.settings.api.max_brief_chars
+    if len(body.brief) > limit:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"brief: {len(body.brief)} characters, over the limit of {limit}; shorten it or raise api.max_brief_chars",
+        )
+    if body.knowledge_base is not None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"knowledge_base: no knowledge base named {body.knowledge_base!r} exists; leave the field out",
+        )
+
+    async with runtime.database.transaction() as connection:
+        team = await load_team(connection, body.team)
+        if not team:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"team: no team named {body.team!r}; the configured team is 'default'",
+            )
+        providers = sorted({role.provider for role in team.values() if role.enabled})
+        project = store.NewProject(
+            title=body.title or _title_from(body.brief),
+            brief=body.brief,
+            team=body.team,
+            knowledge_base=body.knowledge_base,
+            providers=providers,
+            max_attempts=runtime.settings.worker.max_attempts,
+        )
+        project_id = await store.insert_project(connection, project, PROJECT_MANAGER)
+
+    PROJECTS_CREATED.inc()
+    logger.info("project created", extra={"action": "project.created", "project_id": project_id})
+    if runtime.notify_work is not None:
+        runtime.notify_work()
+    return ProjectAccepted(id=project_id, status=ProjectStatus.QUEUED)
+
+
+@router.get("", response_model=ProjectPage)
+async def list_projects(
+    runtime: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+    status_filter: Annotated[ProjectStatus | None, Query(alias="status")] = None,
+) -> ProjectPage:
+    """List projects, newest first."""
+    async with runtime.database.read() as connection:
+        try:
+            rows, next_cursor = await store.list_projects(connection, limit, cursor, status_filter)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cursor: {exc}") from exc
+    items = [
+        ProjectSummary(
+            id=row.id, title=row.title, status=row.status, team=row.team,
+            created_at=as_utc(row.created_at), finished_at=as_utc(row.finished_at),
+        )
+        for row in rows
+    ]
+    return ProjectPage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/{project_id}", response_model=ProjectPublic)
+async def read_project(project_id: str, runtime: RuntimeDep) -> ProjectPublic:
+    async with runtime.database.read() as connection:
+        project = await store.get_project(connection, project_id)
+        task_rows = await store.list_tasks(connection, project_id)
+        usage = (
+            await connection.execute(
+                select(
+                    func.count(),
+                    func.coalesce(func.sum(llm_calls.c.prompt_tokens), 0),
+                    func.coalesce(func.sum(llm_calls.c.completion_tokens), 0),
+                    func.coalesce(func.sum(llm_calls.c.cost_usd), 0.0),
+                    func.coalesce(func.sum(case((llm_calls.c.cache_hit, 1), else_=0)), 0),
+                ).where(llm_calls.c.project_id == project_id)
+            )
+        ).one()
+
+    return ProjectPublic(
+        id=project.id,
+        title=project.title,
+        status=project.status,
+        team=project.team,
+        knowledge_base=project.knowledge_base,
+        providers=project.providers,
+        notice=OFFLINE_NOTICE if "offline" in project.providers else None,
+        created_at=as_utc(project.created_at),
+        updated_at=as_utc(project.updated_at),
+        finished_at=as_utc(project.finished_at),
+        tasks=[_task_public(row) for row in task_rows],
+        usage=UsagePublic(
+            llm_calls=usage[0], prompt_tokens=usage[1], completion_tokens=usage[2],
+            cost_usd=round(float(usage[3]), 6), cache_hits=usage[4],
+        ),
+        report=project.report,
+        error=project.error,
+    )
+
+
+@router.post("/{project_id}/cancel", response_model=ProjectAccepted)
+async def cancel_project(project_id: str, runtime: RuntimeDep) -> ProjectAccepted:
+    """Cancel queued and running work. A worker holding a task stops it at its next heartbeat."""
+    async with runtime.database.transaction() as connection:
+        result = await store.cancel_project(connection, project_id)
+    logger.info("project cancelled", extra={"action": "project.cancelled", "project_id": project_id})
+    return ProjectAccepted(id=project_id, status=result)
+
+
+@router.get("/{project_id}/tasks/{task_id}", response_model=TaskDetail)
+async def read_task(project_id: str, task_id: str, runtime: RuntimeDep) -> TaskDetail:
+    async with runtime.database.read() as connection:
+        task = await store.get_task(connection, project_id, task_id)
+        calls = await store.list_llm_calls(connection, task_id)
+        attempts = await store.list_attempts(connection, task_id)
+        prompt = list(
+            await connection.execute(
+                select(messages.c.sender, messages.c.content)
+                .where(messages.c.task_id == task_id, messages.c.sender != "assistant")
+                .order_by(messages.c.id)
+            )
+        )
+
+    return TaskDetail(
+        **_task_public(task).model_dump(),
+        project_id=task.project_id,
+        description=task.description,
+        max_attempts=task.max_attempts,
+        input=[MessagePublic(sender=row.sender, content=row.content) for row in prompt],
+        output=task.output,
+        attempt_history=[
+            AttemptPublic(number=row.number, worker_id=row.worker_id, outcome=row.outcome, error=row.error,
+                          started_at=as_utc(row.started_at), finished_at=as_utc(row.finished_at))
+            for row in attempts
+        ],
+        llm_calls=[
+            LLMCallPublic(attempt=row.attempt, provider=row.provider, model=row.model,
+                          prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
+                          latency_ms=row.latency_ms, cost_usd=row.cost_usd, cache_hit=row.cache_hit,
+                          status=row.status, error=row.error, created_at=as_utc(row.created_at))
+            for row in calls
+        ],
+        created_at=as_utc(task.created_at),
+        started_at=as_utc(task.started_at),
+        finished_at=as_utc(task.finished_at),
+    )
+
+
+@router.get(
+    "/{project_id}/events",
+    response_model=EventPage,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a stream with Accept: text/event-stream"}},
+)
+async def read_events(
+    project_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    after: Annotated[int, Query(ge=0, description="Return events with a sequence number above this")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[str | None, Header()] = None,
+):
+    """Page through a project's events, or stream them with ``Accept: text/event-stream``.
+
+    A stream resumes after ``Last-Event-ID`` (or ``after``) and ends once the project is
+    finished and every event has been sent.
+    """
+    async with runtime.database.read() as connection:
+        await store.get_project(connection, project_id)
+
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        async with runtime.database.read() as connection:
+            rows = await _events_after(connection, project_id, after, limit)
+        return EventPage(items=[_event_public(row) for row in rows], last_seq=rows[-1].seq if rows else after)
+
+    start = after
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT,
+                f"Last-Event-ID: {last_event_id!r} is not an event sequence number; send the id of the last event received",
+            )
+        start = int(last_event_id)
+    return EventSourceResponse(
+        _stream_events(request, runtime, project_id, start),
+        ping=int(runtime.settings.api.sse_keepalive_seconds),
+        headers={"X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream_events(request: Request, runtime, project_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    poll_seconds = runtime.settings.api.sse_poll_interval_seconds
+    while not await request.is_disconnected():
+        async with runtime.database.read() as connection:
+            # Read the status first: events committed before a final status are then
+            # guaranteed to be in the read that follows.
+            project_status = await connection.scalar(select(projects.c.status).where(projects.c.id == project_id))
+            rows = await _events_after(connection, project_id, after, EVENTS_PER_READ)
+
+        for row in rows:
+            after = row.seq
+            yield ServerSentEvent(data=json.dumps(_event_public(row).model_dump(mode="json")), event=row.type, id=str(row.seq))
+        if rows:
+            continue
+        if project_status in FINAL_PROJECT_STATUSES:
+            return
+        await asyncio.sleep(poll_seconds)
+
+
+async def _events_after(connection, project_id: str, after: int, limit: int):
+    return list(
+        await connection.execute(
+            select(events).where(events.c.project_id == project_id, events.c.seq > after).order_by(events.c.seq).limit(limit)
+        )
+    )
+
+
+def _event_public(row) -> EventPublic:
+    return EventPublic(seq=row.seq, type=row.type, task_id=row.task_id, data=row.data, created_at=as_utc(row.created_at))
+
+
+def _task_public(row) -> TaskPublic:
+    return TaskPublic(
+        id=row.id, key=row.key, kind=row.kind, title=row.title, role=row.role, status=row.status,
+        depends_on=row.depends_on, attempts=row.attempts, error=row.error,
+    )
+
+
+def _title_from(brief: str) -> str:
+    for line in brief.splitlines():
+        text = line.strip().lstrip("#").strip()
+        if text:
+            return text[:200]
+    return "Untitled project"

@@ -1,0 +1,156 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.db.states import ProjectStatus
+
+OFFLINE_NOTICE = (
+    "Outputs of this project come from the offline provider: deterministic template text built "
+    "from the brief, not a model's work. Configure an LLM provider for real outputs."
+)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; every stored time is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    brief: str = Field(description="What the team should deliver, in prose")
+    team: str = Field("default", pattern=NAME_PATTERN)
+    knowledge_base: str | None = Field(None, pattern=NAME_PATTERN)
+    title: str | None = Field(None, max_length=200)
+
+    @field_validator("brief")
+    @classmethod
+    def brief_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the brief is empty or only whitespace; describe what the team should deliver")
+        return value
+
+    @field_validator("title")
+    @classmethod
+    def title_has_text(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the title is empty or only whitespace; leave it out to derive one from the brief")
+        return value.strip() if value else value
+
+
+class ProjectAccepted(BaseModel):
+    id: str
+    status: ProjectStatus
+
+
+class TaskPublic(BaseModel):
+    id: str
+    key: str
+    kind: str
+    title: str
+    role: str
+    status: str
+    depends_on: list[str]
+    attempts: int
+    error: str | None = None
+
+
+class UsagePublic(BaseModel):
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    cache_hits: int = 0
+
+
+class ProjectPublic(BaseModel):
+    id: str
+    title: str
+    status: ProjectStatus
+    team: str
+    knowledge_base: str | None
+    providers: list[str]
+    notice: str | None = Field(None, description="Set when an output comes from the offline provider")
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    tasks: list[TaskPublic]
+    usage: UsagePublic
+    report: str | None = None
+    error: str | None = None
+
+
+class ProjectSummary(BaseModel):
+    id: str
+    title: str
+    status: ProjectStatus
+    team: str
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ProjectPage(BaseModel):
+    items: list[ProjectSummary]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` to read the next page; null on the last")
+
+
+class LLMCallPublic(BaseModel):
+    attempt: int
+    provider: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    cost_usd: float
+    cache_hit: bool
+    status: str
+    error: str | None
+    created_at: datetime
+
+
+class AttemptPublic(BaseModel):
+    number: int
+    worker_id: str
+    outcome: str
+    error: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class MessagePublic(BaseModel):
+    sender: str
+    content: str
+
+
+class TaskDetail(TaskPublic):
+    project_id: str
+    description: str
+    max_attempts: int
+    input: list[MessagePublic] = Field(description="The prompt of the last stored attempt: system and user messages")
+    output: str | None
+    attempt_history: list[AttemptPublic]
+    llm_calls: list[LLMCallPublic]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EventPublic(BaseModel):
+    seq: int
+    type: str
+    task_id: str | None
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class EventPage(BaseModel):
+    items: list[EventPublic]
+    last_seq: int = Field(description="Pass as `after` to read the events that follow")

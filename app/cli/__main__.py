@@ -1,0 +1,121 @@
+"""Command-line interface: ``python -m app.cli COMMAND``.
+
+Commands:
+  migrate          bring the database schema up to date
+  create-api-key   create an API key for production use and print it once
+  revoke-api-key   revoke the keys with a given prefix
+  serve            run an API instance and a worker in one process
+  demo             run the all-in-one process, submit an example brief, follow it, print the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from app.cli.demo import run_demo
+from app.core.config import load_settings
+from app.core.logging import configure_logging
+from app.errors import ConfigError, SchemaVersionError
+
+
+async def migrate() -> None:
+    from app.db.engine import Database
+    from app.db.migrate import upgrade
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    database = Database(settings.database)
+    try:
+        await upgrade(database)
+        print(f"schema of {database.describe()} is current")
+    finally:
+        await database.dispose()
+
+
+async def create_key(name: str) -> None:
+    from app.api.auth import create_api_key
+    from app.db.engine import Database
+    from app.db.migrate import check_schema
+
+    database = Database(load_settings().database)
+    try:
+        await check_schema(database)
+        async with database.transaction() as connection:
+            key = await create_api_key(connection, name)
+    finally:
+        await database.dispose()
+    print(key)
+    print("Store this key now: only its hash is kept. Send it as `Authorization: Bearer <key>`.", file=sys.stderr)
+
+
+async def revoke_key(prefix: str) -> int:
+    from app.api.auth import revoke_api_key
+    from app.db.engine import Database
+
+    database = Database(load_settings().database)
+    try:
+        async with database.transaction() as connection:
+            count = await revoke_api_key(connection, prefix)
+    finally:
+        await database.dispose()
+    if not count:
+        print(f"error: no active API key starts with {prefix!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {count} key(s)")
+    return 0
+
+
+def serve(port: int | None) -> None:
+    from app.api.server import serve_api
+
+    settings = load_settings()
+    if port is not None:
+        settings = settings.model_copy(update={"port": port})
+    configure_logging(settings.log_level, settings.log_format)
+    serve_api(settings, embedded_worker=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app.cli", description="TORONTO AI TEAM AGENT backend")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("migrate", help="bring the database schema up to date")
+
+    create = commands.add_parser("create-api-key", help="create an API key and print it once")
+    create.add_argument("--name", required=True, help="who or what uses the key, for listings")
+
+    revoke = commands.add_parser("revoke-api-key", help="revoke the active keys with this prefix")
+    revoke.add_argument("prefix", help="the first 8 characters of the key")
+
+    serve_parser = commands.add_parser("serve", help="run an API instance and a worker in one process")
+    serve_parser.add_argument("--port", type=int, help="TCP port (default: TORONTO_AI_PORT or 8000)")
+
+    demo = commands.add_parser("demo", help="run an example project end to end and print its report")
+    demo.add_argument("--brief", help="a brief file, or the name of a shipped example (default: team-wiki-search)")
+    demo.add_argument("--port", type=int, default=0, help="TCP port of the demo server (default: any free port)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        if arguments.command == "migrate":
+            asyncio.run(migrate())
+        elif arguments.command == "create-api-key":
+            asyncio.run(create_key(arguments.name))
+        elif arguments.command == "revoke-api-key":
+            return asyncio.run(revoke_key(arguments.prefix))
+        elif arguments.command == "serve":
+            serve(arguments.port)
+        elif arguments.command == "demo":
+            return asyncio.run(run_demo(arguments.brief, arguments.port))
+    except (ConfigError, SchemaVersionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

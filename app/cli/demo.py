@@ -1,0 +1,139 @@
+"""The first-run demo: start the all-in-one server, submit a brief, follow it live, print the report.
+
+It talks to the server over HTTP exactly as any client would: POST the project, follow
+``/events`` as Server-Sent Events, then GET the finished project.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from app.api.server import server_config
+from app.core.config import load_settings
+from app.core.logging import configure_logging
+
+EXAMPLES_FOLDER = Path(__file__).resolve().parents[2] / "examples" / "briefs"
+DEFAULT_EXAMPLE = "team-wiki-search"
+STARTUP_TIMEOUT = 60.0  # seconds for the server to migrate and listen
+PROJECT_TIMEOUT = 600.0  # seconds for the whole project
+
+
+def resolve_brief(choice: str | None) -> Path:
+    """Return the brief file for a path or the name of a shipped example."""
+    if choice and Path(choice).is_file():
+        return Path(choice)
+    name = choice or DEFAULT_EXAMPLE
+    candidate = EXAMPLES_FOLDER / f"{name.removesuffix('.md')}.md"
+    if candidate.is_file():
+        return candidate
+    examples = ", ".join(sorted(path.stem for path in EXAMPLES_FOLDER.glob("*.md")))
+    raise SystemExit(f"error: no brief file {choice!r} and no shipped example of that name; examples: {examples}")
+
+
+async def run_demo(choice: str | None, port: int) -> int:
+    brief_path = resolve_brief(choice)
+    settings = load_settings()
+    port = port or _free_port()
+    settings = settings.model_copy(update={"port": port, "host": "127.0.0.1"})
+    # Progress lines are the demo's output; logs would bury them unless asked for.
+    configure_logging(os.environ.get("TORONTO_AI_LOG_LEVEL", "WARNING"), settings.log_format)
+
+    server = uvicorn.Server(server_config(settings, embedded_worker=True))
+    serving = asyncio.create_task(server.serve(), name="demo-server")
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as client:
+            await _wait_until_ready(client, serving)
+            return await _run_project(client, brief_path)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def _wait_until_ready(client: httpx.AsyncClient, serving: asyncio.Task) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if serving.done():
+            serving.result()  # re-raises the start-up error
+            raise SystemExit("error: the server stopped during start-up; see the log above")
+        try:
+            if (await client.get("/ready")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"error: the server was not ready within {STARTUP_TIMEOUT:.0f} seconds")
+
+
+async def _run_project(client: httpx.AsyncClient, brief_path: Path) -> int:
+    brief = brief_path.read_text(encoding="utf-8")
+    response = await client.post("/api/v1/projects", json={"brief": brief})
+    response.raise_for_status()
+    project_id = response.json()["id"]
+    print(f"Project {project_id} submitted from {brief_path}")
+
+    started = time.monotonic()
+    await asyncio.wait_for(_follow(client, project_id, started), timeout=PROJECT_TIMEOUT)
+
+    project = (await client.get(f"/api/v1/projects/{project_id}")).json()
+    print()
+    if project["status"] != "completed":
+        print(f"Project {project['status']}: {project.get('error')}", file=sys.stderr)
+        return 1
+    print(project["report"])
+    usage = project["usage"]
+    print()
+    print(f"{len(project['tasks'])} tasks, {usage['llm_calls']} LLM calls, "
+          f"{usage['prompt_tokens'] + usage['completion_tokens']} tokens, ${usage['cost_usd']:.4f}, "
+          f"{time.monotonic() - started:.1f} s")
+    if project.get("notice"):
+        print(f"Note: {project['notice']}")
+    print(f"Details: GET /api/v1/projects/{project_id} (the database is {_database_hint()})")
+    return 0
+
+
+async def _follow(client: httpx.AsyncClient, project_id: str, started: float) -> None:
+    titles: dict[str, str] = {}
+    total = 0
+    finished = 0
+    headers = {"Accept": "text/event-stream"}
+    async with client.stream("GET", f"/api/v1/projects/{project_id}/events", headers=headers, timeout=None) as stream:
+        async for line in stream.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            kind, data, task_id = event["type"], event["data"], event["task_id"]
+            elapsed = f"[{time.monotonic() - started:6.1f}s]"
+
+            if kind == "plan.accepted":
+                titles.update({task["id"]: f"{task['key']} {task['title']} ({task['role']})" for task in data["tasks"]})
+                total = len(data["tasks"])
+                print(f"{elapsed} plan accepted: {total} tasks")
+            elif kind == "task.started" and task_id in titles:
+                print(f"{elapsed} started   {titles[task_id]}")
+            elif kind == "task.completed" and task_id in titles:
+                finished += 1
+                print(f"{elapsed} finished  {titles[task_id]}  [{finished}/{total}]")
+            elif kind == "task.retrying":
+                print(f"{elapsed} retrying  {titles.get(task_id, task_id)}: {data['error']}")
+            elif kind.startswith("project."):
+                print(f"{elapsed} project {kind.removeprefix('project.')}")
+
+
+def _database_hint() -> str:
+    return load_settings().database.sqlalchemy_url().split("///")[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
