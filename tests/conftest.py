@@ -1,0 +1,62 @@
+"""Fixtures shared by every test: a fresh database on each engine the service supports.
+
+Tests that take ``database_url`` run twice: on a SQLite file and on a new database of the
+PostgreSQL server at 127.0.0.1:5432 (override with ``TAT_TEST_POSTGRES_URL``), which is
+created for the test and dropped after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from app.core.config import Settings, load_settings
+
+POSTGRES_ADMIN_URL = os.environ.get("TAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_url(database: str) -> str:
+    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+async def _admin(statement: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_ADMIN_URL)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+def create_postgres_database() -> str:
+    name = f"tat_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    return name
+
+
+def drop_postgres_database(name: str) -> None:
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'toronto_ai.db'}"
+        return
+    name = create_postgres_database()
+    try:
+        yield postgres_url(name)
+    finally:
+        drop_postgres_database(name)
+
+
+def make_settings(database_url: str, tmp_path: Path, **environment: str) -> Settings:
+    """Settings for a test: only the given variables, no configuration files."""
+    environ = {"TORONTO_AI_DATABASE__URL": database_url, "TORONTO_AI_ENV": "test", **environment}
+    return load_settings(config_dir=tmp_path / "no-config", environ=environ)

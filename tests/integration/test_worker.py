@@ -1,0 +1,151 @@
+"""A worker running projects to the end, on SQLite and PostgreSQL.
+
+Failure modes use a scripted provider in place of a hosted model, which the test machine
+cannot reach; it implements the same interface as the real providers.
+"""
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import pytest
+
+from app.db import projects as store
+from app.db.states import ProjectStatus
+from app.errors import LLMRequestError, LLMServerError
+from app.llm.base import Completion, CompletionRequest
+from app.llm.offline import OfflineProvider
+from app.llm.registry import ProviderRegistry
+from app.worker.runner import Worker
+from tests.integration.helpers import outputs_per_task, start_runtime, submit, wait_for_final
+
+
+class ScriptedProvider(OfflineProvider):
+    """The offline provider, except that ``script(call_number, request)`` may override a reply."""
+
+    def __init__(self, script: Callable[[int, CompletionRequest], str | Exception | None]) -> None:
+        super().__init__()
+        self.script = script
+        self.calls = 0
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.calls += 1
+        outcome = self.script(self.calls, request)
+        if isinstance(outcome, Exception):
+            raise outcome
+        completion = await super().complete(request)
+        if outcome is None:
+            return completion
+        return Completion(outcome, "offline", request.model, 10, 10, 1.0)
+
+
+@pytest.fixture
+async def runtime(database_url, tmp_path):
+    runtime = await start_runtime(database_url, tmp_path)
+    yield runtime
+    await runtime.aclose()
+
+
+async def run_project(runtime, brief: str = "# Demo\n\nBuild a small thing that works."):
+    worker = Worker(runtime.database, runtime.executor, runtime.settings)
+    running = asyncio.create_task(worker.run())
+    try:
+        project_id = await submit(runtime, brief)
+        return await wait_for_final(runtime, project_id)
+    finally:
+        worker.stop()
+        await running
+
+
+def use_provider(runtime, provider) -> None:
+    runtime.executor.providers = ProviderRegistry({"offline": provider}, {})
+
+
+async def test_project_completes_with_one_output_per_task(runtime):
+    project = await run_project(runtime)
+
+    assert project.status == ProjectStatus.COMPLETED
+    assert project.report.startswith("> Written by the offline provider")
+    counts = await outputs_per_task(runtime, project.id)
+    assert len(counts) == 7
+    assert set(counts.values()) == {(1, 1)}
+
+
+async def test_llm_calls_are_recorded(runtime):
+    project = await run_project(runtime)
+
+    async with runtime.database.read() as connection:
+        task_rows = await store.list_tasks(connection, project.id)
+        calls = [call for row in task_rows for call in await store.list_llm_calls(connection, row.id)]
+    assert len(calls) == len(task_rows)
+    assert all(call.prompt_tokens > 0 and call.completion_tokens > 0 for call in calls)
+    assert {call.provider for call in calls} == {"offline"}
+
+
+async def test_invalid_plan_is_corrected_with_feedback(runtime):
+    provider = ScriptedProvider(lambda number, request: "not a plan" if number == 1 else None)
+    use_provider(runtime, provider)
+
+    project = await run_project(runtime)
+
+    assert project.status == ProjectStatus.COMPLETED
+    async with runtime.database.read() as connection:
+        plan_task = (await store.list_tasks(connection, project.id))[0]
+        detail = await store.list_llm_calls(connection, plan_task.id)
+    assert len(detail) == 2
+
+
+async def test_plan_that_stays_invalid_fails_project(runtime):
+    use_provider(runtime, ScriptedProvider(lambda number, request: json.dumps({"tasks": [{"id": "A"}]})))
+
+    project = await run_project(runtime)
+
+    assert project.status == ProjectStatus.FAILED
+    assert "no valid plan in 3 attempts" in project.error
+    assert "tasks.0.title: Field required" in project.error
+
+
+async def test_transient_error_is_retried(runtime):
+    use_provider(runtime, ScriptedProvider(lambda number, request: LLMServerError("503 from upstream") if number == 2 else None))
+
+    project = await run_project(runtime)
+
+    assert project.status == ProjectStatus.COMPLETED
+    async with runtime.database.read() as connection:
+        rows = await store.list_tasks(connection, project.id)
+        retried = [row for row in rows if row.attempts == 2]
+        calls = await store.list_llm_calls(connection, retried[0].id)
+    assert len(retried) == 1
+    assert [call.status for call in calls] == ["error", "ok"]
+
+
+async def test_permanent_error_fails_project_at_once(runtime):
+    use_provider(runtime, ScriptedProvider(lambda number, request: LLMRequestError("400 model not found") if number == 2 else None))
+
+    project = await run_project(runtime)
+
+    assert project.status == ProjectStatus.FAILED
+    assert "LLMRequestError: 400 model not found" in project.error
+    async with runtime.database.read() as connection:
+        statuses = {row.status for row in await store.list_tasks(connection, project.id)}
+    assert statuses <= {"completed", "failed", "cancelled"}
+
+
+async def test_exhausted_retries_fail_with_reason(runtime):
+    use_provider(runtime, ScriptedProvider(lambda number, request: LLMServerError("502 bad gateway") if number >= 2 else None))
+
+    project = await run_project(runtime)
+
+    assert project.status == ProjectStatus.FAILED
+    assert "failed on attempt 3: LLMServerError: 502 bad gateway" in project.error
+
+
+async def test_identical_calls_hit_the_cache(runtime):
+    first = await run_project(runtime)
+    second = await run_project(runtime)
+
+    assert first.report == second.report
+    async with runtime.database.read() as connection:
+        rows = await store.list_tasks(connection, second.id)
+        calls = [call for row in rows for call in await store.list_llm_calls(connection, row.id)]
+    assert all(call.cache_hit for call in calls)

@@ -1,0 +1,142 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from app.core.config import load_settings
+from app.errors import ConfigError
+
+
+def write(path: Path, document: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document))
+
+
+def test_defaults_use_sqlite_and_offline(tmp_path):
+    settings = load_settings(config_dir=tmp_path, environ={})
+
+    assert settings.database.sqlalchemy_url().startswith("sqlite")
+    assert settings.llm.default_provider == "offline"
+    assert settings.env == "development"
+
+
+def test_precedence_of_files_and_environment(tmp_path):
+    write(tmp_path / "config.json", {"port": 8100, "worker": {"concurrency": 4, "max_attempts": 5}})
+    write(tmp_path / "config" / "database_config.json", {"database": {"url": "sqlite:///x.db"}})
+    write(tmp_path / "config" / "cache_config.json", {"worker": {"concurrency": 6}})
+
+    settings = load_settings(config_dir=tmp_path, environ={"TORONTO_AI_PORT": "8200"})
+
+    assert settings.port == 8200
+    assert settings.worker.concurrency == 6
+    assert settings.worker.max_attempts == 5
+    assert settings.database.url == "sqlite:///x.db"
+
+
+def test_database_master_builds_postgres_url(tmp_path):
+    write(tmp_path / "config" / "database_config.json", {
+        "database": {"master": {"host": "db", "port": 5433, "username": "app", "password": "s3cret-value", "database": "agents"}}
+    })
+
+    url = load_settings(config_dir=tmp_path, environ={}).database.sqlalchemy_url()
+
+    assert url == "postgresql+asyncpg://app:s3cret-value@db:5433/agents"
+
+
+def test_password_from_file(tmp_path):
+    secret = tmp_path / "db-password"
+    secret.write_text("from-a-file\n")
+    environ = {"TORONTO_AI_DATABASE__MASTER__PASSWORD_FILE": str(secret)}
+
+    settings = load_settings(config_dir=tmp_path, environ=environ)
+
+    assert settings.database.master.resolved_password() == "from-a-file"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    write(tmp_path / "config.json", {"worker": {"concurency": 4}})
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_dir=tmp_path, environ={})
+
+    message = str(caught.value)
+    assert "worker.concurency" in message
+    assert "config.json" in message
+
+
+def test_invalid_value_lists_accepted_values(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "prod"})
+
+    message = str(caught.value)
+    assert "'prod'" in message
+    assert "TORONTO_AI_ENV" in message
+    assert "'production'" in message
+
+
+def test_unknown_environment_variable(tmp_path):
+    with pytest.raises(ConfigError, match="TORONTO_AI_WORKERS"):
+        load_settings(config_dir=tmp_path, environ={"TORONTO_AI_WORKERS": "3"})
+
+
+def test_invalid_json_names_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"port": 80,\n}')
+
+    with pytest.raises(ConfigError, match=r"config.json: invalid JSON at line 2"):
+        load_settings(config_dir=tmp_path, environ={})
+
+
+def test_heartbeat_must_be_shorter_than_lease(tmp_path):
+    environ = {"TORONTO_AI_WORKER__LEASE_SECONDS": "5", "TORONTO_AI_WORKER__HEARTBEAT_SECONDS": "5"}
+
+    with pytest.raises(ConfigError, match="heartbeat_seconds"):
+        load_settings(config_dir=tmp_path, environ=environ)
+
+
+def test_agent_with_unknown_provider(tmp_path):
+    write(tmp_path / "config.json", {"agents": [{"role": "developer", "provider": "gpt"}]})
+
+    with pytest.raises(ConfigError, match="unknown provider 'gpt'"):
+        load_settings(config_dir=tmp_path, environ={})
+
+
+def test_production_rejects_offline_provider(tmp_path):
+    with pytest.raises(ConfigError, match="offline provider"):
+        load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
+
+
+def test_production_rejects_missing_api_key(tmp_path):
+    write(tmp_path / "config.json", {
+        "llm": {"default_provider": "openai", "providers": {"openai": {"kind": "openai"}}}
+    })
+
+    with pytest.raises(ConfigError, match="llm.providers.openai.api_key"):
+        load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
+
+
+def test_production_rejects_placeholder_key(tmp_path):
+    write(tmp_path / "config.json", {
+        "llm": {"default_provider": "openai", "providers": {"openai": {"kind": "openai", "api_key": "changeme"}}}
+    })
+
+    with pytest.raises(ConfigError, match="no real API key"):
+        load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
+
+
+def test_production_accepts_real_key(tmp_path):
+    write(tmp_path / "config.json", {
+        "llm": {"default_provider": "openai", "providers": {"openai": {"kind": "openai", "api_key": "sk-live-abc123"}}}
+    })
+
+    settings = load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
+
+    assert settings.is_production
+
+
+def test_production_warns_about_sqlite(tmp_path, caplog):
+    environ = {"TORONTO_AI_ENV": "production", "TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION": "true"}
+
+    load_settings(config_dir=tmp_path, environ=environ)
+
+    warnings = [record for record in caplog.records if getattr(record, "action", "") == "config.sqlite_in_use"]
+    assert warnings and warnings[0].levelname == "WARNING"
