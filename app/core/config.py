@@ -169,7 +169,6 @@ class PlanningSettings(Section):
 class ApiSettings(Section):
     max_brief_chars: int = Field(20_000, ge=100)
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    page_size_max: int = Field(100, ge=1)
     sse_poll_interval_seconds: float = Field(0.5, gt=0)
     sse_keepalive_seconds: float = Field(15.0, gt=0)
 
@@ -348,6 +347,11 @@ def _check_production_safety(settings: Settings) -> None:
             level,
             "database is a SQLite file; use PostgreSQL for several hosts",
             extra={"action": "config.sqlite_in_use", "env": settings.env},
+        )
+    if settings.database.read_replicas:
+        logger.warning(
+            "database.read_replicas is set, but this version sends every read to the master",
+            extra={"action": "config.read_replicas_unused", "replicas": len(settings.database.read_replicas)},
         )
     if not settings.is_production:
         return
