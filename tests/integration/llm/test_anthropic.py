@@ -1,6 +1,6 @@
 """AnthropicProvider against a local Messages API server.
 
-The scripted server in conftest.py replaces the hosted Anthropic API, which cannot be
+The scripted server in scripted_server.py replaces the hosted Anthropic API, which cannot be
 reached from the test machine. It runs on 127.0.0.1 and speaks the same protocol, so the
 provider's HTTP, SSE, retry and error handling run for real.
 """
@@ -18,7 +18,7 @@ from app.core.config import ProviderSettings
 from app.errors import LLMRateLimitError, LLMRequestError, LLMResponseError, LLMServerError, LLMTimeoutError
 from app.llm.anthropic import AnthropicProvider
 from app.llm.base import ChatMessage, Completion, CompletionRequest, StreamDelta
-from tests.integration.llm.conftest import Reply, ScriptedServer, sse
+from tests.integration.llm.scripted_server import Reply, ScriptedServer, sse
 
 MakeProvider = Callable[..., AnthropicProvider]
 

@@ -1,6 +1,6 @@
 """OpenAICompatibleProvider against a local Chat Completions server.
 
-The scripted server in conftest.py replaces the hosted OpenAI API, which cannot be
+The scripted server in scripted_server.py replaces the hosted OpenAI API, which cannot be
 reached from the test machine. It runs on 127.0.0.1 and speaks the same protocol, so the
 provider's HTTP, SSE, retry and error handling run for real.
 """
@@ -30,7 +30,7 @@ from app.errors import (
 )
 from app.llm.base import ChatMessage, Completion, CompletionRequest, StreamDelta
 from app.llm.openai_compatible import OpenAICompatibleProvider
-from tests.integration.llm.conftest import Reply, ScriptedServer, sse
+from tests.integration.llm.scripted_server import Reply, ScriptedServer, sse
 
 MakeProvider = Callable[..., OpenAICompatibleProvider]
 
