@@ -16,13 +16,21 @@ from app.errors import ConfigError
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Start one API instance of the TORONTO AI TEAM AGENT backend.")
+    parser = argparse.ArgumentParser(
+        description="Start one API instance of the TORONTO AI TEAM AGENT backend."
+    )
     parser.add_argument("--port", type=int, help="TCP port to listen on (default: TORONTO_AI_PORT or 8000)")
     parser.add_argument("--host", help="address to bind (default: TORONTO_AI_HOST or 127.0.0.1)")
-    parser.add_argument("--no-migrate", action="store_true",
-                        help="do not migrate the schema at start-up; refuse to serve if it is not current")
-    parser.add_argument("--with-worker", action="store_true",
-                        help="also run a worker in this process (the all-in-one mode for a first try)")
+    parser.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not migrate the schema at start-up; refuse to serve if it is not current",
+    )
+    parser.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="also run a worker in this process (the all-in-one mode for a first try)",
+    )
     return parser.parse_args(argv)
 
 
@@ -33,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    overrides = {key: value for key, value in (("port", arguments.port), ("host", arguments.host)) if value is not None}
+    overrides = {
+        key: value for key, value in (("port", arguments.port), ("host", arguments.host)) if value is not None
+    }
     settings = settings.model_copy(update=overrides)
 
     configure_logging(settings.log_level, settings.log_format)

@@ -34,8 +34,10 @@ def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: boo
             worker = Worker(runtime.database, runtime.executor, settings)
             runtime.notify_work = worker.wake
             worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
-        logger.info("API instance ready", extra={"action": "api.started", "port": settings.port,
-                                                 "embedded_worker": embedded_worker})
+        logger.info(
+            "API instance ready",
+            extra={"action": "api.started", "port": settings.port, "embedded_worker": embedded_worker},
+        )
         try:
             yield
         finally:

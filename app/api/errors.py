@@ -15,7 +15,11 @@ def _field(location: tuple) -> str:
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {"field": _field(error["loc"]), "message": error["msg"].removeprefix("Value error, "), "type": error["type"]}
+        {
+            "field": _field(error["loc"]),
+            "message": error["msg"].removeprefix("Value error, "),
+            "type": error["type"],
+        }
         for error in exc.errors()
     ]
     summary = "; ".join(f"{error['field']}: {error['message']}" for error in errors)

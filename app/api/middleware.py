@@ -37,7 +37,10 @@ class RequestContextMiddleware:
             nonlocal status_code
             if message["type"] == "http.response.start":
                 status_code = message["status"]
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode("latin-1"))]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER, request_id.encode("latin-1")),
+                ]
             await send(message)
 
         try:
@@ -48,7 +51,11 @@ class RequestContextMiddleware:
             path_template = getattr(route, "path", "unmatched")
             HTTP_REQUEST_SECONDS.labels(scope["method"], path_template, str(status_code)).observe(elapsed)
             logger.info(
-                "%s %s %s %.1fms", scope["method"], scope["path"], status_code, elapsed * 1000,
+                "%s %s %s %.1fms",
+                scope["method"],
+                scope["path"],
+                status_code,
+                elapsed * 1000,
                 extra={"action": "http.request", "request_id": request_id, "status": status_code},
             )
 
@@ -87,11 +94,21 @@ class BodySizeLimitMiddleware:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({
-            "detail": f"request body larger than {self.max_bytes} bytes; send less, or raise api.max_body_bytes"
-        }).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        body = json.dumps(
+            {
+                "detail": f"request body larger than {self.max_bytes} bytes; send less, or raise api.max_body_bytes"
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 

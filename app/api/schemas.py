@@ -42,7 +42,9 @@ class ProjectCreate(BaseModel):
     @classmethod
     def title_has_text(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError("the title is empty or only whitespace; leave it out to derive one from the brief")
+            raise ValueError(
+                "the title is empty or only whitespace; leave it out to derive one from the brief"
+            )
         return value.strip() if value else value
 
 
@@ -99,7 +101,9 @@ class ProjectSummary(BaseModel):
 
 class ProjectPage(BaseModel):
     items: list[ProjectSummary]
-    next_cursor: str | None = Field(None, description="Pass as `cursor` to read the next page; null on the last")
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` to read the next page; null on the last"
+    )
 
 
 class LLMCallPublic(BaseModel):
@@ -134,7 +138,9 @@ class TaskDetail(TaskPublic):
     project_id: str
     description: str
     max_attempts: int
-    input: list[MessagePublic] = Field(description="The prompt of the last stored attempt: system and user messages")
+    input: list[MessagePublic] = Field(
+        description="The prompt of the last stored attempt: system and user messages"
+    )
     output: str | None
     attempt_history: list[AttemptPublic]
     llm_calls: list[LLMCallPublic]

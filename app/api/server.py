@@ -8,7 +8,9 @@ from app.api.app import create_app
 from app.core.config import Settings
 
 
-def server_config(settings: Settings, *, migrate: bool = True, embedded_worker: bool = False) -> uvicorn.Config:
+def server_config(
+    settings: Settings, *, migrate: bool = True, embedded_worker: bool = False
+) -> uvicorn.Config:
     app = create_app(settings, migrate=migrate, embedded_worker=embedded_worker)
     return uvicorn.Config(
         app,

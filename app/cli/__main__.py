@@ -47,7 +47,10 @@ async def create_key(name: str) -> None:
     finally:
         await database.dispose()
     print(key)
-    print("Store this key now: only its hash is kept. Send it as `Authorization: Bearer <key>`.", file=sys.stderr)
+    print(
+        "Store this key now: only its hash is kept. Send it as `Authorization: Bearer <key>`.",
+        file=sys.stderr,
+    )
 
 
 async def revoke_key(prefix: str) -> int:
@@ -93,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--port", type=int, help="TCP port (default: TORONTO_AI_PORT or 8000)")
 
     demo = commands.add_parser("demo", help="run an example project end to end and print its report")
-    demo.add_argument("--brief", help="a brief file, or the name of a shipped example (default: team-wiki-search)")
-    demo.add_argument("--port", type=int, default=0, help="TCP port of the demo server (default: any free port)")
+    demo.add_argument(
+        "--brief", help="a brief file, or the name of a shipped example (default: team-wiki-search)"
+    )
+    demo.add_argument(
+        "--port", type=int, default=0, help="TCP port of the demo server (default: any free port)"
+    )
     return parser
 
 

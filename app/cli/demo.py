@@ -36,7 +36,9 @@ def resolve_brief(choice: str | None) -> Path:
     if candidate.is_file():
         return candidate
     examples = ", ".join(sorted(path.stem for path in EXAMPLES_FOLDER.glob("*.md")))
-    raise SystemExit(f"error: no brief file {choice!r} and no shipped example of that name; examples: {examples}")
+    raise SystemExit(
+        f"error: no brief file {choice!r} and no shipped example of that name; examples: {examples}"
+    )
 
 
 async def run_demo(choice: str | None, port: int) -> int:
@@ -92,9 +94,11 @@ async def _run_project(client: httpx.AsyncClient, brief_path: Path) -> int:
     print(project["report"])
     usage = project["usage"]
     print()
-    print(f"{len(project['tasks'])} tasks, {usage['llm_calls']} LLM calls, "
-          f"{usage['prompt_tokens'] + usage['completion_tokens']} tokens, ${usage['cost_usd']:.4f}, "
-          f"{time.monotonic() - started:.1f} s")
+    print(
+        f"{len(project['tasks'])} tasks, {usage['llm_calls']} LLM calls, "
+        f"{usage['prompt_tokens'] + usage['completion_tokens']} tokens, ${usage['cost_usd']:.4f}, "
+        f"{time.monotonic() - started:.1f} s"
+    )
     if project.get("notice"):
         print(f"Note: {project['notice']}")
     print(f"Details: GET /api/v1/projects/{project_id} (the database is {_database_hint()})")
@@ -106,7 +110,9 @@ async def _follow(client: httpx.AsyncClient, project_id: str, started: float) ->
     total = 0
     finished = 0
     headers = {"Accept": "text/event-stream"}
-    async with client.stream("GET", f"/api/v1/projects/{project_id}/events", headers=headers, timeout=None) as stream:
+    async with client.stream(
+        "GET", f"/api/v1/projects/{project_id}/events", headers=headers, timeout=None
+    ) as stream:
         async for line in stream.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -115,7 +121,9 @@ async def _follow(client: httpx.AsyncClient, project_id: str, started: float) ->
             elapsed = f"[{time.monotonic() - started:6.1f}s]"
 
             if kind == "plan.accepted":
-                titles.update({task["id"]: f"{task['key']} {task['title']} ({task['role']})" for task in data["tasks"]})
+                titles.update(
+                    {task["id"]: f"{task['key']} {task['title']} ({task['role']})" for task in data["tasks"]}
+                )
                 total = len(data["tasks"])
                 print(f"{elapsed} plan accepted: {total} tasks")
             elif kind == "task.started" and task_id in titles:

@@ -19,9 +19,13 @@ PROJECTS_BY_STATUS = Gauge("toronto_ai_projects", "Projects in the database by s
 
 async def refresh_database_gauges(database: Database) -> None:
     async with database.read() as connection:
-        task_counts = dict((await connection.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))).all())
+        task_counts = dict(
+            (await connection.execute(select(tasks.c.status, func.count()).group_by(tasks.c.status))).all()
+        )
         project_counts = dict(
-            (await connection.execute(select(projects.c.status, func.count()).group_by(projects.c.status))).all()
+            (
+                await connection.execute(select(projects.c.status, func.count()).group_by(projects.c.status))
+            ).all()
         )
     from app.db.states import ProjectStatus, TaskStatus
 

@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 async def run_worker(concurrency: int | None) -> None:
     settings = load_settings()
     if concurrency is not None:
-        settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"concurrency": concurrency})})
+        settings = settings.model_copy(
+            update={"worker": settings.worker.model_copy(update={"concurrency": concurrency})}
+        )
     configure_logging(settings.log_level, settings.log_format)
 
     runtime = await Runtime.start(settings, migrate=False)

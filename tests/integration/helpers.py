@@ -30,7 +30,10 @@ async def start_runtime(database_url: str, tmp_path: Path, **environment: str) -
 async def submit(runtime: Runtime, brief: str = "# Demo\n\nBuild a small thing that works.") -> str:
     async with runtime.database.transaction() as connection:
         return await store.insert_project(
-            connection, store.NewProject("Demo", brief, "default", None, ["offline"], runtime.settings.worker.max_attempts),
+            connection,
+            store.NewProject(
+                "Demo", brief, "default", None, ["offline"], runtime.settings.worker.max_attempts
+            ),
             "project_manager",
         )
 
@@ -49,13 +52,28 @@ async def wait_for_final(runtime: Runtime, project_id: str, timeout: float = 30.
 async def outputs_per_task(runtime: Runtime, project_id: str) -> dict[str, tuple[int, int]]:
     """Return, per task id, how many artifacts and assistant messages are stored."""
     async with runtime.database.read() as connection:
-        artifact_counts = dict((await connection.execute(
-            select(artifacts.c.task_id, func.count()).where(artifacts.c.project_id == project_id).group_by(artifacts.c.task_id)
-        )).all())
-        message_counts = dict((await connection.execute(
-            select(messages.c.task_id, func.count())
-            .where(messages.c.project_id == project_id, messages.c.sender == "assistant")
-            .group_by(messages.c.task_id)
-        )).all())
-        task_ids = [row[0] for row in await connection.execute(select(tasks.c.id).where(tasks.c.project_id == project_id))]
-    return {task_id: (artifact_counts.get(task_id, 0), message_counts.get(task_id, 0)) for task_id in task_ids}
+        artifact_counts = dict(
+            (
+                await connection.execute(
+                    select(artifacts.c.task_id, func.count())
+                    .where(artifacts.c.project_id == project_id)
+                    .group_by(artifacts.c.task_id)
+                )
+            ).all()
+        )
+        message_counts = dict(
+            (
+                await connection.execute(
+                    select(messages.c.task_id, func.count())
+                    .where(messages.c.project_id == project_id, messages.c.sender == "assistant")
+                    .group_by(messages.c.task_id)
+                )
+            ).all()
+        )
+        task_ids = [
+            row[0]
+            for row in await connection.execute(select(tasks.c.id).where(tasks.c.project_id == project_id))
+        ]
+    return {
+        task_id: (artifact_counts.get(task_id, 0), message_counts.get(task_id, 0)) for task_id in task_ids
+    }

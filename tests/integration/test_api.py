@@ -24,8 +24,13 @@ async def open_client(settings, embedded_worker: bool):
 
 @pytest.fixture
 async def api(database_url, tmp_path):
-    settings = make_settings(database_url, tmp_path, TORONTO_AI_API__MAX_BRIEF_CHARS="500",
-                             TORONTO_AI_API__MAX_BODY_BYTES="4096", **FAST_WORKER)
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        TORONTO_AI_API__MAX_BRIEF_CHARS="500",
+        TORONTO_AI_API__MAX_BODY_BYTES="4096",
+        **FAST_WORKER,
+    )
     app, lifespan, client = await open_client(settings, embedded_worker=True)
     yield client
     await client.aclose()
@@ -86,7 +91,11 @@ async def test_events_page_in_order(api):
     await wait_for_status(api, project_id, "completed")
 
     first = (await api.get(f"/api/v1/projects/{project_id}/events", params={"limit": 5})).json()
-    rest = (await api.get(f"/api/v1/projects/{project_id}/events", params={"after": first["last_seq"], "limit": 1000})).json()
+    rest = (
+        await api.get(
+            f"/api/v1/projects/{project_id}/events", params={"after": first["last_seq"], "limit": 1000}
+        )
+    ).json()
 
     sequence = [event["seq"] for event in first["items"] + rest["items"]]
     assert sequence == list(range(1, len(sequence) + 1))
@@ -98,7 +107,9 @@ async def test_event_stream_ends_after_completion(api):
     project_id = (await api.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
     await wait_for_status(api, project_id, "completed")
 
-    response = await api.get(f"/api/v1/projects/{project_id}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": "3"})
+    response = await api.get(
+        f"/api/v1/projects/{project_id}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": "3"}
+    )
 
     ids = [int(line[3:].strip()) for line in response.text.splitlines() if line.startswith("id:")]
     assert ids[0] == 4
@@ -135,15 +146,20 @@ async def test_brief_over_limit_is_rejected(api):
 
 
 async def test_body_over_limit_is_rejected(api):
-    response = await api.post("/api/v1/projects", content=b'{"brief": "' + b"x" * 5000 + b'"}',
-                              headers={"Content-Type": "application/json"})
+    response = await api.post(
+        "/api/v1/projects",
+        content=b'{"brief": "' + b"x" * 5000 + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
 
     assert response.status_code == 413
     assert "larger than 4096 bytes" in response.json()["detail"]
 
 
 async def test_malformed_json_is_rejected(api_without_worker):
-    response = await api_without_worker.post("/api/v1/projects", content=b"{brief", headers={"Content-Type": "application/json"})
+    response = await api_without_worker.post(
+        "/api/v1/projects", content=b"{brief", headers={"Content-Type": "application/json"}
+    )
 
     assert response.status_code == 422
     assert "JSON" in response.json()["detail"]
@@ -151,7 +167,9 @@ async def test_malformed_json_is_rejected(api_without_worker):
 
 async def test_unknown_team_and_knowledge_base(api_without_worker):
     team = await api_without_worker.post("/api/v1/projects", json={"brief": BRIEF, "team": "blue"})
-    knowledge = await api_without_worker.post("/api/v1/projects", json={"brief": BRIEF, "knowledge_base": "docs"})
+    knowledge = await api_without_worker.post(
+        "/api/v1/projects", json={"brief": BRIEF, "knowledge_base": "docs"}
+    )
 
     assert team.status_code == 422
     assert "no team named 'blue'" in team.json()["detail"]
@@ -176,8 +194,10 @@ async def test_unknown_id_is_404(api_without_worker, method, path):
 
 
 async def test_list_pages_newest_first(api_without_worker):
-    created = [(await api_without_worker.post("/api/v1/projects", json={"brief": f"{BRIEF} {index}"})).json()["id"]
-               for index in range(5)]
+    created = [
+        (await api_without_worker.post("/api/v1/projects", json={"brief": f"{BRIEF} {index}"})).json()["id"]
+        for index in range(5)
+    ]
 
     seen, cursor = [], None
     while True:
@@ -249,8 +269,12 @@ async def test_request_id_is_propagated(api_without_worker):
 
 
 async def test_production_requires_api_key(database_url, tmp_path):
-    settings = make_settings(database_url, tmp_path, TORONTO_AI_ENV="production",
-                             TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION="true")
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        TORONTO_AI_ENV="production",
+        TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION="true",
+    )
     app, lifespan, client = await open_client(settings, embedded_worker=False)
     try:
         async with app.state.runtime.database.transaction() as connection:

@@ -123,7 +123,11 @@ async def test_retry_waits_for_backoff(runtime):
 def test_backoff_grows_and_is_capped(runtime):
     delays = [runtime.queue.backoff_seconds(attempt) for attempt in (1, 2, 3, 10)]
 
-    assert runtime.settings.worker.backoff_base_seconds / 2 <= delays[0] <= runtime.settings.worker.backoff_base_seconds
+    assert (
+        runtime.settings.worker.backoff_base_seconds / 2
+        <= delays[0]
+        <= runtime.settings.worker.backoff_base_seconds
+    )
     assert delays[3] <= runtime.settings.worker.backoff_max_seconds
 
 

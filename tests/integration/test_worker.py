@@ -106,7 +106,12 @@ async def test_plan_that_stays_invalid_fails_project(runtime):
 
 
 async def test_transient_error_is_retried(runtime):
-    use_provider(runtime, ScriptedProvider(lambda number, request: LLMServerError("503 from upstream") if number == 2 else None))
+    use_provider(
+        runtime,
+        ScriptedProvider(
+            lambda number, request: LLMServerError("503 from upstream") if number == 2 else None
+        ),
+    )
 
     project = await run_project(runtime)
 
@@ -120,7 +125,12 @@ async def test_transient_error_is_retried(runtime):
 
 
 async def test_permanent_error_fails_project_at_once(runtime):
-    use_provider(runtime, ScriptedProvider(lambda number, request: LLMRequestError("400 model not found") if number == 2 else None))
+    use_provider(
+        runtime,
+        ScriptedProvider(
+            lambda number, request: LLMRequestError("400 model not found") if number == 2 else None
+        ),
+    )
 
     project = await run_project(runtime)
 
@@ -132,7 +142,10 @@ async def test_permanent_error_fails_project_at_once(runtime):
 
 
 async def test_exhausted_retries_fail_with_reason(runtime):
-    use_provider(runtime, ScriptedProvider(lambda number, request: LLMServerError("502 bad gateway") if number >= 2 else None))
+    use_provider(
+        runtime,
+        ScriptedProvider(lambda number, request: LLMServerError("502 bad gateway") if number >= 2 else None),
+    )
 
     project = await run_project(runtime)
 

@@ -34,9 +34,20 @@ def test_precedence_of_files_and_environment(tmp_path):
 
 
 def test_database_master_builds_postgres_url(tmp_path):
-    write(tmp_path / "config" / "database_config.json", {
-        "database": {"master": {"host": "db", "port": 5433, "username": "app", "password": "s3cret-value", "database": "agents"}}
-    })
+    write(
+        tmp_path / "config" / "database_config.json",
+        {
+            "database": {
+                "master": {
+                    "host": "db",
+                    "port": 5433,
+                    "username": "app",
+                    "password": "s3cret-value",
+                    "database": "agents",
+                }
+            }
+        },
+    )
 
     url = load_settings(config_dir=tmp_path, environ={}).database.sqlalchemy_url()
 
@@ -106,27 +117,40 @@ def test_production_rejects_offline_provider(tmp_path):
 
 
 def test_production_rejects_missing_api_key(tmp_path):
-    write(tmp_path / "config.json", {
-        "llm": {"default_provider": "openai", "providers": {"openai": {"kind": "openai"}}}
-    })
+    write(
+        tmp_path / "config.json",
+        {"llm": {"default_provider": "openai", "providers": {"openai": {"kind": "openai"}}}},
+    )
 
     with pytest.raises(ConfigError, match="llm.providers.openai.api_key"):
         load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
 
 
 def test_production_rejects_placeholder_key(tmp_path):
-    write(tmp_path / "config.json", {
-        "llm": {"default_provider": "openai", "providers": {"openai": {"kind": "openai", "api_key": "changeme"}}}
-    })
+    write(
+        tmp_path / "config.json",
+        {
+            "llm": {
+                "default_provider": "openai",
+                "providers": {"openai": {"kind": "openai", "api_key": "changeme"}},
+            }
+        },
+    )
 
     with pytest.raises(ConfigError, match="no real API key"):
         load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
 
 
 def test_production_accepts_real_key(tmp_path):
-    write(tmp_path / "config.json", {
-        "llm": {"default_provider": "openai", "providers": {"openai": {"kind": "openai", "api_key": "sk-live-abc123"}}}
-    })
+    write(
+        tmp_path / "config.json",
+        {
+            "llm": {
+                "default_provider": "openai",
+                "providers": {"openai": {"kind": "openai", "api_key": "sk-live-abc123"}},
+            }
+        },
+    )
 
     settings = load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
 
@@ -138,5 +162,7 @@ def test_production_warns_about_sqlite(tmp_path, caplog):
 
     load_settings(config_dir=tmp_path, environ=environ)
 
-    warnings = [record for record in caplog.records if getattr(record, "action", "") == "config.sqlite_in_use"]
+    warnings = [
+        record for record in caplog.records if getattr(record, "action", "") == "config.sqlite_in_use"
+    ]
     assert warnings and warnings[0].levelname == "WARNING"

@@ -46,7 +46,9 @@ async def test_plan_respects_task_limit(team):
 
 
 async def test_deliverable_is_built_from_the_brief(team):
-    messages = prompts.work_messages(BRIEF, team["developer"], "Implementation plan", "Lay out the modules.", [])
+    messages = prompts.work_messages(
+        BRIEF, team["developer"], "Implementation plan", "Lay out the modules.", []
+    )
 
     text = await complete(messages)
 

@@ -23,7 +23,9 @@ def task(task_id: str, role: str = "developer", depends_on: list[str] | None = N
 
 
 def test_valid_plan_in_dependency_order():
-    text = plan(task("B", depends_on=["A"]), task("A", "product_manager"), task("C", "qa_engineer", ["A", "B"]))
+    text = plan(
+        task("B", depends_on=["A"]), task("A", "product_manager"), task("C", "qa_engineer", ["A", "B"])
+    )
 
     validated = parse_plan(text, TEAM, LIMITS)
 

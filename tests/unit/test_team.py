@@ -16,14 +16,28 @@ def test_built_in_roles_are_present(tmp_path):
     team = build_team(load_settings(config_dir=tmp_path, environ={}))
 
     assert set(BUILT_IN_ROLES) <= set(team)
-    assert {"project_manager", "product_manager", "system_architect", "developer", "qa_engineer", "devops_engineer"} <= set(team)
+    assert {
+        "project_manager",
+        "product_manager",
+        "system_architect",
+        "developer",
+        "qa_engineer",
+        "devops_engineer",
+    } <= set(team)
 
 
 def test_agents_override_model_and_enabled(tmp_path):
-    team = build_team(settings_with(tmp_path, {"agents": [
-        {"role": "developer", "model": "big-model"},
-        {"role": "devops_engineer", "enabled": False},
-    ]}))
+    team = build_team(
+        settings_with(
+            tmp_path,
+            {
+                "agents": [
+                    {"role": "developer", "model": "big-model"},
+                    {"role": "devops_engineer", "enabled": False},
+                ]
+            },
+        )
+    )
 
     assert team["developer"].model == "big-model"
     assert team["developer"].instructions == BUILT_IN_ROLES["developer"][1]
@@ -36,9 +50,11 @@ def test_new_role_needs_instructions(tmp_path):
 
 
 def test_new_role_with_instructions(tmp_path):
-    team = build_team(settings_with(tmp_path, {"agents": [
-        {"role": "security_reviewer", "instructions": "Review the threat model."}
-    ]}))
+    team = build_team(
+        settings_with(
+            tmp_path, {"agents": [{"role": "security_reviewer", "instructions": "Review the threat model."}]}
+        )
+    )
 
     assert team["security_reviewer"].title == "Security reviewer"
 

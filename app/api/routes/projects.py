@@ -97,8 +97,12 @@ async def list_projects(
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cursor: {exc}") from exc
     items = [
         ProjectSummary(
-            id=row.id, title=row.title, status=row.status, team=row.team,
-            created_at=as_utc(row.created_at), finished_at=as_utc(row.finished_at),
+            id=row.id,
+            title=row.title,
+            status=row.status,
+            team=row.team,
+            created_at=as_utc(row.created_at),
+            finished_at=as_utc(row.finished_at),
         )
         for row in rows
     ]
@@ -135,8 +139,11 @@ async def read_project(project_id: str, runtime: RuntimeDep) -> ProjectPublic:
         finished_at=as_utc(project.finished_at),
         tasks=[_task_public(row) for row in task_rows],
         usage=UsagePublic(
-            llm_calls=usage[0], prompt_tokens=usage[1], completion_tokens=usage[2],
-            cost_usd=round(float(usage[3]), 6), cache_hits=usage[4],
+            llm_calls=usage[0],
+            prompt_tokens=usage[1],
+            completion_tokens=usage[2],
+            cost_usd=round(float(usage[3]), 6),
+            cache_hits=usage[4],
         ),
         report=project.report,
         error=project.error,
@@ -174,15 +181,30 @@ async def read_task(project_id: str, task_id: str, runtime: RuntimeDep) -> TaskD
         input=[MessagePublic(sender=row.sender, content=row.content) for row in prompt],
         output=task.output,
         attempt_history=[
-            AttemptPublic(number=row.number, worker_id=row.worker_id, outcome=row.outcome, error=row.error,
-                          started_at=as_utc(row.started_at), finished_at=as_utc(row.finished_at))
+            AttemptPublic(
+                number=row.number,
+                worker_id=row.worker_id,
+                outcome=row.outcome,
+                error=row.error,
+                started_at=as_utc(row.started_at),
+                finished_at=as_utc(row.finished_at),
+            )
             for row in attempts
         ],
         llm_calls=[
-            LLMCallPublic(attempt=row.attempt, provider=row.provider, model=row.model,
-                          prompt_tokens=row.prompt_tokens, completion_tokens=row.completion_tokens,
-                          latency_ms=row.latency_ms, cost_usd=row.cost_usd, cache_hit=row.cache_hit,
-                          status=row.status, error=row.error, created_at=as_utc(row.created_at))
+            LLMCallPublic(
+                attempt=row.attempt,
+                provider=row.provider,
+                model=row.model,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+                latency_ms=row.latency_ms,
+                cost_usd=row.cost_usd,
+                cache_hit=row.cache_hit,
+                status=row.status,
+                error=row.error,
+                created_at=as_utc(row.created_at),
+            )
             for row in calls
         ],
         created_at=as_utc(task.created_at),
@@ -194,7 +216,12 @@ async def read_task(project_id: str, task_id: str, runtime: RuntimeDep) -> TaskD
 @router.get(
     "/{project_id}/events",
     response_model=EventPage,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a stream with Accept: text/event-stream"}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "JSON page, or a stream with Accept: text/event-stream",
+        }
+    },
 )
 async def read_events(
     project_id: str,
@@ -232,18 +259,24 @@ async def read_events(
     )
 
 
-async def _stream_events(request: Request, runtime, project_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+async def _stream_events(
+    request: Request, runtime, project_id: str, after: int
+) -> AsyncIterator[ServerSentEvent]:
     poll_seconds = runtime.settings.api.sse_poll_interval_seconds
     while not await request.is_disconnected():
         async with runtime.database.read() as connection:
             # Read the status first: events committed before a final status are then
             # guaranteed to be in the read that follows.
-            project_status = await connection.scalar(select(projects.c.status).where(projects.c.id == project_id))
+            project_status = await connection.scalar(
+                select(projects.c.status).where(projects.c.id == project_id)
+            )
             rows = await _events_after(connection, project_id, after, EVENTS_PER_READ)
 
         for row in rows:
             after = row.seq
-            yield ServerSentEvent(data=json.dumps(_event_public(row).model_dump(mode="json")), event=row.type, id=str(row.seq))
+            yield ServerSentEvent(
+                data=json.dumps(_event_public(row).model_dump(mode="json")), event=row.type, id=str(row.seq)
+            )
         if rows:
             continue
         if project_status in FINAL_PROJECT_STATUSES:
@@ -254,19 +287,31 @@ async def _stream_events(request: Request, runtime, project_id: str, after: int)
 async def _events_after(connection, project_id: str, after: int, limit: int):
     return list(
         await connection.execute(
-            select(events).where(events.c.project_id == project_id, events.c.seq > after).order_by(events.c.seq).limit(limit)
+            select(events)
+            .where(events.c.project_id == project_id, events.c.seq > after)
+            .order_by(events.c.seq)
+            .limit(limit)
         )
     )
 
 
 def _event_public(row) -> EventPublic:
-    return EventPublic(seq=row.seq, type=row.type, task_id=row.task_id, data=row.data, created_at=as_utc(row.created_at))
+    return EventPublic(
+        seq=row.seq, type=row.type, task_id=row.task_id, data=row.data, created_at=as_utc(row.created_at)
+    )
 
 
 def _task_public(row) -> TaskPublic:
     return TaskPublic(
-        id=row.id, key=row.key, kind=row.kind, title=row.title, role=row.role, status=row.status,
-        depends_on=row.depends_on, attempts=row.attempts, error=row.error,
+        id=row.id,
+        key=row.key,
+        kind=row.kind,
+        title=row.title,
+        role=row.role,
+        status=row.status,
+        depends_on=row.depends_on,
+        attempts=row.attempts,
+        error=row.error,
     )
 
 
