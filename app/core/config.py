@@ -13,6 +13,7 @@ from and what is accepted.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -35,6 +36,20 @@ PLACEHOLDER_SECRETS = frozenset(
 )
 
 
+def read_secret_file(path: Path, setting: str) -> str:
+    """Return the first line of a secret file, such as a mounted Docker or Kubernetes secret."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"{setting}: cannot read {path}: {reason}; fix the path or its permissions"
+        ) from exc
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{setting}: {path} is empty; write the secret on its first line")
+    return lines[0].strip()
+
+
 class Section(BaseModel):
     """A nested settings section: unknown keys are errors, so typos fail at start-up."""
 
@@ -53,7 +68,7 @@ class DatabaseEndpoint(Section):
         if self.password is not None:
             return self.password.get_secret_value()
         if self.password_file is not None:
-            return self.password_file.read_text(encoding="utf-8").splitlines()[0]
+            return read_secret_file(self.password_file, "database password_file")
         return None
 
 
@@ -105,7 +120,7 @@ class ProviderSettings(Section):
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         if self.api_key_file is not None:
-            return self.api_key_file.read_text(encoding="utf-8").strip()
+            return read_secret_file(self.api_key_file, "llm provider api_key_file")
         return None
 
 
@@ -249,7 +264,12 @@ def config_files(config_dir: Path) -> list[Path]:
 def load_settings(config_dir: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Read, merge and validate every configuration source."""
     environ = dict(os.environ if environ is None else environ)
-    config_dir = config_dir or Path(environ.get(CONFIG_DIR_VARIABLE, "."))
+    if config_dir is None:
+        config_dir = Path(environ.get(CONFIG_DIR_VARIABLE, "."))
+        if not config_dir.is_dir():
+            raise ConfigError(
+                f"{CONFIG_DIR_VARIABLE}={config_dir} is not a folder; point it at the folder holding config.json"
+            )
 
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
@@ -319,13 +339,33 @@ def _describe(exc: ValidationError, origins: dict[str, str], environ: dict[str, 
     lines = ["invalid configuration:"]
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
+        if not key or error["type"] == "value_error":
+            # Raised by a check across several keys; its message names the keys itself.
+            lines.append(f"  {error['msg'].removeprefix('Value error, ')}")
+            continue
         source = _source_of(key, origins, environ)
         value = error.get("input")
         shown = "(missing)" if error["type"] == "missing" else repr(value)
         if isinstance(value, dict):
             shown = "{...}"
-        lines.append(f"  {key} = {shown} from {source}: {error['msg']}")
+        hint = _suggest_key(error["loc"]) if error["type"] == "extra_forbidden" else ""
+        lines.append(f"  {key} = {shown} from {source}: {error['msg']}{hint}")
     return "\n".join(lines)
+
+
+def _suggest_key(location: tuple) -> str:
+    """Name the accepted keys of the section that holds an unknown key, nearest first."""
+    model: Any = Settings
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    accepted = list(model.model_fields)
+    close = difflib.get_close_matches(str(location[-1]), accepted, n=1)
+    prefix = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{prefix} Accepted keys: {', '.join(accepted)}"
 
 
 def _source_of(key: str, origins: dict[str, str], environ: dict[str, str]) -> str:

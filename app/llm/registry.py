@@ -92,15 +92,9 @@ def _build(name: str, entry: ProviderSettings) -> LLMProvider:
     if entry.kind == OFFLINE:
         return _offline_provider(entry.latency_ms)
 
-    provider_class = HTTP_PROVIDER_CLASSES[entry.kind]
-    try:
-        return provider_class(name, entry)
-    except OSError as exc:
-        # resolved_api_key() reads api_key_file while the client is built.
-        raise ConfigError(
-            f"llm.providers.{name}.api_key_file: cannot read {entry.api_key_file}: {exc.strerror or exc}; "
-            "fix the path or its permissions, or set api_key instead"
-        ) from exc
+    # resolved_api_key() reads api_key_file while the client is built and raises
+    # ConfigError when the file cannot be read.
+    return HTTP_PROVIDER_CLASSES[entry.kind](name, entry)
 
 
 def _offline_provider(latency_ms: float) -> LLMProvider:

@@ -166,3 +166,43 @@ def test_production_warns_about_sqlite(tmp_path, caplog):
         record for record in caplog.records if getattr(record, "action", "") == "config.sqlite_in_use"
     ]
     assert warnings and warnings[0].levelname == "WARNING"
+
+
+def test_missing_secret_file_is_a_config_error(tmp_path):
+    write(tmp_path / "config.json", {
+        "llm": {"default_provider": "openai",
+                "providers": {"openai": {"kind": "openai", "api_key_file": str(tmp_path / "missing")}}}
+    })
+
+    with pytest.raises(ConfigError, match="cannot read .*missing: No such file"):
+        load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
+
+
+def test_empty_password_file_is_a_config_error(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("\n")
+    environ = {"TORONTO_AI_DATABASE__MASTER__PASSWORD_FILE": str(secret)}
+
+    with pytest.raises(ConfigError, match="is empty"):
+        load_settings(config_dir=tmp_path, environ=environ).database.sqlalchemy_url()
+
+
+def test_typo_suggests_the_key(tmp_path):
+    write(tmp_path / "config.json", {"worker": {"concurency": 4}})
+
+    with pytest.raises(ConfigError, match="did you mean 'concurrency'"):
+        load_settings(config_dir=tmp_path, environ={})
+
+
+def test_cross_key_error_has_no_false_source(tmp_path):
+    write(tmp_path / "config.json", {"agents": [{"role": "developer", "provider": "opnai"}]})
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_dir=tmp_path, environ={})
+
+    assert "from defaults" not in str(caught.value)
+
+
+def test_missing_config_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is not a folder"):
+        load_settings(environ={"TORONTO_AI_CONFIG_DIR": str(tmp_path / "nowhere")})
