@@ -10,16 +10,19 @@ import argparse
 import sys
 
 from app.api.server import serve_api
+from app.core.arguments import port_number
 from app.core.config import load_settings
 from app.core.logging import configure_logging
-from app.errors import ConfigError
+from app.errors import TorontoAIError
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Start one API instance of the TORONTO AI TEAM AGENT backend."
     )
-    parser.add_argument("--port", type=int, help="TCP port to listen on (default: TORONTO_AI_PORT or 8000)")
+    parser.add_argument(
+        "--port", type=port_number, help="TCP port to listen on (default: TORONTO_AI_PORT or 8000)"
+    )
     parser.add_argument("--host", help="address to bind (default: TORONTO_AI_HOST or 127.0.0.1)")
     parser.add_argument(
         "--no-migrate",
@@ -38,16 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         settings = load_settings()
-    except ConfigError as exc:
+        overrides = {
+            key: value
+            for key, value in (("port", arguments.port), ("host", arguments.host))
+            if value is not None
+        }
+        settings = settings.model_copy(update=overrides)
+        configure_logging(settings.log_level, settings.log_format)
+        serve_api(settings, migrate=not arguments.no_migrate, embedded_worker=arguments.with_worker)
+    except TorontoAIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    overrides = {
-        key: value for key, value in (("port", arguments.port), ("host", arguments.host)) if value is not None
-    }
-    settings = settings.model_copy(update=overrides)
-
-    configure_logging(settings.log_level, settings.log_format)
-    serve_api(settings, migrate=not arguments.no_migrate, embedded_worker=arguments.with_worker)
     return 0
 
 

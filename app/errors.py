@@ -7,6 +7,7 @@ Every error the service raises on purpose derives from ``TorontoAIError``::
     ├── NotFoundError          a project, task or team id that does not exist
     ├── ConflictError          a request that the current state does not allow
     ├── SchemaVersionError     the database schema is not the one this code expects
+    ├── DatabaseUnavailableError  the database cannot be reached or refuses the connection
     ├── PlanValidationError    a plan that names unknown roles, has cycles or is too large
     └── LLMError               a model call that failed
         ├── LLMTimeoutError        no response within the configured timeout
@@ -39,6 +40,10 @@ class ConflictError(TorontoAIError):
 
 class SchemaVersionError(TorontoAIError):
     """The database schema is older or newer than this code understands."""
+
+
+class DatabaseUnavailableError(TorontoAIError):
+    """The database cannot be reached, or refused the connection or a statement at start-up."""
 
 
 class PlanValidationError(TorontoAIError):

@@ -15,9 +15,10 @@ import asyncio
 import sys
 
 from app.cli.demo import run_demo
+from app.core.arguments import port_number
 from app.core.config import load_settings
 from app.core.logging import configure_logging
-from app.errors import ConfigError, SchemaVersionError
+from app.errors import TorontoAIError
 
 
 async def migrate() -> None:
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("prefix", help="the first 8 characters of the key")
 
     serve_parser = commands.add_parser("serve", help="run an API instance and a worker in one process")
-    serve_parser.add_argument("--port", type=int, help="TCP port (default: TORONTO_AI_PORT or 8000)")
+    serve_parser.add_argument("--port", type=port_number, help="TCP port (default: TORONTO_AI_PORT or 8000)")
 
     demo = commands.add_parser("demo", help="run an example project end to end and print its report")
     demo.add_argument(
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(arguments.port)
         elif arguments.command == "demo":
             return asyncio.run(run_demo(arguments.brief, arguments.port))
-    except (ConfigError, SchemaVersionError) as exc:
+    except TorontoAIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

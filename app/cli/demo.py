@@ -79,7 +79,9 @@ async def _wait_until_ready(client: httpx.AsyncClient, serving: asyncio.Task) ->
 async def _run_project(client: httpx.AsyncClient, brief_path: Path) -> int:
     brief = brief_path.read_text(encoding="utf-8")
     response = await client.post("/api/v1/projects", json={"brief": brief})
-    response.raise_for_status()
+    if response.status_code != 202:
+        print(f"error: the API rejected {brief_path}: {response.json()['detail']}", file=sys.stderr)
+        return 1
     project_id = response.json()["id"]
     print(f"Project {project_id} submitted from {brief_path}")
 
@@ -94,14 +96,18 @@ async def _run_project(client: httpx.AsyncClient, brief_path: Path) -> int:
     print(project["report"])
     usage = project["usage"]
     print()
+    work_tasks = [task for task in project["tasks"] if task["kind"] == "work"]
     print(
-        f"{len(project['tasks'])} tasks, {usage['llm_calls']} LLM calls, "
+        f"{len(work_tasks)} tasks and a report, {usage['llm_calls']} LLM calls, "
         f"{usage['prompt_tokens'] + usage['completion_tokens']} tokens, ${usage['cost_usd']:.4f}, "
         f"{time.monotonic() - started:.1f} s"
     )
     if project.get("notice"):
         print(f"Note: {project['notice']}")
-    print(f"Details: GET /api/v1/projects/{project_id} (the database is {_database_hint()})")
+    print(
+        f"The project is stored in {_database_hint()}; run `python -m app.cli serve` and "
+        f"GET /api/v1/projects/{project_id} to read every task."
+    )
     return 0
 
 

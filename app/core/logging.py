@@ -62,3 +62,5 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
 
     # uvicorn's access log duplicates the request log line written by the API middleware.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # Alembic reports its dialect on every start; the service logs its own db.migrated line.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

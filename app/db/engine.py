@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.core.config import DatabaseSettings
-from app.errors import ConfigError
+from app.errors import ConfigError, DatabaseUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -137,5 +137,13 @@ def async_url(raw: str) -> URL:
 
 
 def _ensure_parent_folder(database: str | None) -> None:
-    if database and database != ":memory:":
-        Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    if not database or database == ":memory:":
+        return
+    folder = Path(database).expanduser().resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnavailableError(
+            f"cannot create the folder {folder} of the SQLite database: {exc.strerror}; "
+            "choose a writable path with database.url"
+        ) from exc

@@ -10,6 +10,8 @@ migrates and the others find the schema current.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from alembic import command
@@ -18,10 +20,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.engine import Database
-from app.errors import SchemaVersionError
+from app.errors import DatabaseUnavailableError, SchemaVersionError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ async def lock_startup(database: Database, connection: AsyncConnection) -> None:
 
 async def upgrade(database: Database) -> None:
     """Bring the schema to the newest revision this code ships."""
-    async with database.transaction() as connection:
+    async with reporting_unavailable(database), database.transaction() as connection:
         await lock_startup(database, connection)
         before = await connection.run_sync(_current_revision)
         await connection.run_sync(_upgrade_on)
@@ -65,7 +68,7 @@ async def upgrade(database: Database) -> None:
 
 async def check_schema(database: Database) -> None:
     """Raise SchemaVersionError unless the schema is exactly the one this code expects."""
-    async with database.read() as connection:
+    async with reporting_unavailable(database), database.read() as connection:
         current = await connection.run_sync(_current_revision)
 
     expected = head_revision()
@@ -85,6 +88,19 @@ async def check_schema(database: Database) -> None:
         f"the database schema is at revision {current} but this code needs {expected}; "
         "run `python -m app.cli migrate`"
     )
+
+
+@asynccontextmanager
+async def reporting_unavailable(database: Database) -> AsyncIterator[None]:
+    """Turn a failure to connect into one clear DatabaseUnavailableError."""
+    try:
+        yield
+    except (OSError, DBAPIError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise DatabaseUnavailableError(
+            f"cannot use the database {database.describe()}: {reason}; check that the server runs and "
+            "accepts this user, and that database.url or database.master point at it"
+        ) from exc
 
 
 def _current_revision(connection: Connection) -> str | None:

@@ -14,7 +14,7 @@ import sys
 
 from app.core.config import load_settings
 from app.core.logging import configure_logging
-from app.errors import ConfigError, SchemaVersionError
+from app.errors import TorontoAIError
 from app.runtime import Runtime
 from app.worker.runner import Worker
 
@@ -41,14 +41,16 @@ async def run_worker(concurrency: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a worker that claims and executes tasks.")
+    parser = argparse.ArgumentParser(
+        prog="python -m app.worker.start", description="Run a worker that claims and executes tasks."
+    )
     parser.add_argument("--concurrency", type=int, help="tasks run at once (default: worker.concurrency)")
     arguments = parser.parse_args(argv)
     if arguments.concurrency is not None and arguments.concurrency < 1:
         parser.error(f"--concurrency must be at least 1, got {arguments.concurrency}")
     try:
         asyncio.run(run_worker(arguments.concurrency))
-    except (ConfigError, SchemaVersionError) as exc:
+    except TorontoAIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
