@@ -22,7 +22,7 @@ from app.core.config import WorkerSettings
 from app.db.engine import Database
 from app.db.models import projects, task_attempts, tasks
 from app.db.records import NewEvent, append_events, utc_now
-from app.db.states import OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
+from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +58,23 @@ class TaskQueue:
     async def claim(self, worker_id: str, limit: int) -> list[Lease]:
         """Lease up to ``limit`` ready tasks, oldest first."""
         now = time.time()
+        # A materialized CTE runs the locking select exactly once. As an IN (subquery),
+        # PostgreSQL may evaluate it again per row, and with SKIP LOCKED every evaluation
+        # returns other rows, so one claim could take more than ``limit`` tasks.
         candidates = (
             select(tasks.c.id)
             .where(tasks.c.status == TaskStatus.READY, tasks.c.available_at <= now)
             .order_by(tasks.c.available_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
+            .cte("candidates")
+            .prefix_with("MATERIALIZED", dialect="postgresql")
         )
         async with self.database.transaction() as connection:
             rows = (
                 await connection.execute(
                     update(tasks)
-                    .where(tasks.c.id.in_(candidates.scalar_subquery()), tasks.c.status == TaskStatus.READY)
+                    .where(tasks.c.id == candidates.c.id, tasks.c.status == TaskStatus.READY)
                     .values(
                         status=TaskStatus.RUNNING,
                         lease_owner=worker_id,
@@ -183,6 +188,18 @@ class TaskQueue:
                 )
         return bool(result.rowcount)
 
+    async def abandon(self, lease: Lease) -> bool:
+        """Cancel a leased task whose project is already finished, so that nobody claims it again."""
+        async with self.database.transaction() as connection:
+            result = await connection.execute(
+                update(tasks)
+                .where(_held(lease.task_id, lease.token))
+                .values(status=TaskStatus.CANCELLED, lease_owner=None, lease_expires_at=None, finished_at=utc_now())
+            )
+            if result.rowcount:
+                await _finish_attempt(connection, lease.task_id, lease.token, "cancelled", "the project is finished")
+        return bool(result.rowcount)
+
     async def retry_later(
         self, connection: AsyncConnection, lease: Lease, error: str, delay: float | None = None
     ) -> bool:
@@ -269,22 +286,15 @@ class TaskQueue:
             .where(tasks.c.project_id == project_id, tasks.c.status.in_(list(OPEN_TASK_STATUSES)))
             .values(status=TaskStatus.CANCELLED, lease_owner=None, lease_expires_at=None)
         )
-        await connection.execute(
+        failed_project = await connection.execute(
             update(projects)
-            .where(
-                projects.c.id == project_id,
-                projects.c.status.not_in([ProjectStatus.COMPLETED, ProjectStatus.CANCELLED]),
-            )
+            .where(projects.c.id == project_id, projects.c.status.not_in(list(FINAL_PROJECT_STATUSES)))
             .values(status=ProjectStatus.FAILED, error=reason, updated_at=utc_now(), finished_at=utc_now())
         )
-        await append_events(
-            connection,
-            project_id,
-            [
-                NewEvent("task.failed", {"error": reason}, task_id),
-                NewEvent("project.failed", {"error": reason}),
-            ],
-        )
+        new_events = [NewEvent("task.failed", {"error": reason}, task_id)]
+        if failed_project.rowcount:
+            new_events.append(NewEvent("project.failed", {"error": reason}))
+        await append_events(connection, project_id, new_events)
         return True
 
     async def _requeue(

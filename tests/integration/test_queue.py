@@ -178,3 +178,12 @@ async def test_dependents_wait_for_every_dependency(runtime):
     async with runtime.database.read() as connection:
         status = await connection.scalar(select(projects.c.status).where(projects.c.id == project_id))
     assert status == ProjectStatus.RUNNING
+
+
+async def test_claim_never_exceeds_limit(runtime):
+    for _ in range(12):
+        await submit(runtime)
+
+    sizes = [len(await runtime.queue.claim("worker-a", limit)) for limit in (1, 3, 5)]
+
+    assert sizes == [1, 3, 5]
