@@ -209,35 +209,32 @@ async def cancel_project(connection: AsyncConnection, project_id: str) -> str:
 
     Task rows are locked before the project row, the order every other transaction uses,
     so that a cancel never deadlocks with a worker finishing a task of the same project.
+    The open tasks are cancelled a second time once the project row is locked: a worker
+    that stored a plan while this transaction waited has committed its new tasks by then,
+    and on PostgreSQL only a new statement sees them.
     """
     status = await connection.scalar(select(projects.c.status).where(projects.c.id == project_id))
     if status is None:
         raise NotFoundError(f"project {project_id} not found")
+    if status == ProjectStatus.CANCELLED:
+        return status
     if status in FINAL_PROJECT_STATUSES:
-        if status == ProjectStatus.CANCELLED:
-            return status
-        raise ConflictError(
-            f"project {project_id} is already {status}; only queued, planning or running projects can be cancelled"
-        )
+        raise _cannot_cancel(project_id, status)
 
-    cancelled = await connection.execute(
-        update(tasks)
-        .where(tasks.c.project_id == project_id, tasks.c.status.in_(list(OPEN_TASK_STATUSES)))
-        .values(status=TaskStatus.CANCELLED, lease_owner=None, lease_expires_at=None, finished_at=utc_now())
-        .returning(tasks.c.id)
-    )
-    cancelled_ids = [task_id for (task_id,) in cancelled]
-    await connection.execute(
-        update(task_attempts)
-        .where(task_attempts.c.task_id.in_(cancelled_ids), task_attempts.c.outcome == "running")
-        .values(outcome="cancelled", finished_at=utc_now())
-    )
+    cancelled_ids = await _cancel_open_tasks(connection, project_id)
     now = utc_now()
-    await connection.execute(
+    changed = await connection.execute(
         update(projects)
-        .where(projects.c.id == project_id)
+        .where(projects.c.id == project_id, projects.c.status.not_in(list(FINAL_PROJECT_STATUSES)))
         .values(status=ProjectStatus.CANCELLED, updated_at=now, finished_at=now)
     )
+    if not changed.rowcount:
+        # The project finished while this transaction waited for its row; the rollback
+        # that the error causes keeps the tasks as they were.
+        status = await connection.scalar(select(projects.c.status).where(projects.c.id == project_id))
+        raise _cannot_cancel(project_id, status)
+    cancelled_ids += await _cancel_open_tasks(connection, project_id)
+
     await append_events(
         connection,
         project_id,
@@ -245,6 +242,30 @@ async def cancel_project(connection: AsyncConnection, project_id: str) -> str:
         + [NewEvent("project.cancelled")],
     )
     return ProjectStatus.CANCELLED
+
+
+async def _cancel_open_tasks(connection: AsyncConnection, project_id: str) -> list[str]:
+    now = utc_now()
+    cancelled = await connection.execute(
+        update(tasks)
+        .where(tasks.c.project_id == project_id, tasks.c.status.in_(list(OPEN_TASK_STATUSES)))
+        .values(status=TaskStatus.CANCELLED, lease_owner=None, lease_expires_at=None, finished_at=now)
+        .returning(tasks.c.id)
+    )
+    cancelled_ids = [task_id for (task_id,) in cancelled]
+    if cancelled_ids:
+        await connection.execute(
+            update(task_attempts)
+            .where(task_attempts.c.task_id.in_(cancelled_ids), task_attempts.c.outcome == "running")
+            .values(outcome="cancelled", finished_at=now)
+        )
+    return cancelled_ids
+
+
+def _cannot_cancel(project_id: str, status: str) -> ConflictError:
+    return ConflictError(
+        f"project {project_id} is already {status}; only queued, planning or running projects can be cancelled"
+    )
 
 
 async def get_project(connection: AsyncConnection, project_id: str) -> Row:

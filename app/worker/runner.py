@@ -150,7 +150,8 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except ProjectClosedError:
-            logger.info("task skipped: its project is closed", extra={"action": "task.skipped", **ids})
+            await self.queue.abandon(lease)
+            logger.info("task cancelled: its project is finished", extra={"action": "task.skipped", **ids})
             return
         except PlanValidationError as exc:
             await self._fail(execution, str(exc))
