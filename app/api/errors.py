@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.errors import ConflictError, NotFoundError
+from app.errors import ConflictError, DatabaseUnavailableError, NotFoundError
+
+logger = logging.getLogger(__name__)
 
 
 def _field(location: tuple) -> str:
@@ -37,7 +42,21 @@ async def conflict(request: Request, exc: ConflictError) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(exc)})
 
 
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("database unavailable: %s", exc, extra={"action": "http.database_unavailable"})
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": "the database is unavailable; retry shortly"},
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(NotFoundError, not_found)
     app.add_exception_handler(ConflictError, conflict)
+    # A lost or refused connection is the database's outage, not the client's error.
+    app.add_exception_handler(OperationalError, database_unavailable)
+    app.add_exception_handler(InterfaceError, database_unavailable)
+    app.add_exception_handler(DatabaseUnavailableError, database_unavailable)
+    app.add_exception_handler(ConnectionError, database_unavailable)

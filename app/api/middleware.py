@@ -61,7 +61,12 @@ class RequestContextMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Reject request bodies over ``max_bytes`` with 413, before the handler reads them."""
+    """Reject request bodies over ``max_bytes`` with 413, before the handler reads them.
+
+    A body sent without Content-Length (chunked) is read here up to the limit and replayed
+    to the application, because an error raised while the framework reads the body would
+    reach the client as a generic 400.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -73,25 +78,35 @@ class BodySizeLimitMiddleware:
             return
 
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._reject(send)
+                return
+            await self.app(scope, receive, send)
             return
 
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        body = bytearray()
+        more = True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLargeError
-            return message
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self._reject(send)
+                return
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLargeError:
-            await self._reject(send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps(
@@ -110,7 +125,3 @@ class BodySizeLimitMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-class BodyTooLargeError(Exception):
-    pass

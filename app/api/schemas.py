@@ -23,6 +23,19 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+def storable_text(value: str) -> str:
+    """Reject characters that a database cannot store: NUL, and halves of UTF-16 surrogate pairs."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character; remove it, since text fields cannot store one")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"contains an unpaired surrogate at position {exc.start}, which is not valid Unicode; send UTF-8 text"
+        ) from None
+    return value
+
+
 class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
@@ -36,7 +49,7 @@ class ProjectCreate(BaseModel):
     def brief_has_text(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("the brief is empty or only whitespace; describe what the team should deliver")
-        return value
+        return storable_text(value)
 
     @field_validator("title")
     @classmethod
@@ -45,7 +58,7 @@ class ProjectCreate(BaseModel):
             raise ValueError(
                 "the title is empty or only whitespace; leave it out to derive one from the brief"
             )
-        return value.strip() if value else value
+        return storable_text(value.strip()) if value else value
 
 
 class ProjectAccepted(BaseModel):

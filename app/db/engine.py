@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.core.config import DatabaseSettings
@@ -119,7 +120,18 @@ class Database:
 
 def async_url(raw: str) -> URL:
     """Parse a database URL and select the asyncio driver of its engine."""
-    url = make_url(raw)
+    try:
+        url = make_url(raw)
+    except ArgumentError as exc:
+        raise ConfigError(
+            f"database.url: {raw!r} is not a database URL; use sqlite:///path/to/file.db or "
+            "postgresql://user@host:5432/database"
+        ) from exc
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigError(
+            "database.url: an in-memory SQLite database cannot be shared by the API and its workers; "
+            "give a file path such as sqlite:///data/toronto_ai.db"
+        )
     drivers = {
         "sqlite": "sqlite+aiosqlite",
         "postgresql": "postgresql+asyncpg",

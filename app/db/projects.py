@@ -37,6 +37,15 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def is_id(value: str) -> bool:
+    """Tell whether ``value`` can be an id at all, before it reaches a query (NUL bytes and
+    other junk would otherwise make PostgreSQL fail instead of finding nothing)."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 async def insert_project(connection: AsyncConnection, project: NewProject, manager_role: str) -> str:
     """Insert a project with its planning task, ready to be claimed."""
     project_id = new_id()
@@ -213,9 +222,11 @@ async def cancel_project(connection: AsyncConnection, project_id: str) -> str:
     that stored a plan while this transaction waited has committed its new tasks by then,
     and on PostgreSQL only a new statement sees them.
     """
-    status = await connection.scalar(select(projects.c.status).where(projects.c.id == project_id))
+    status = None
+    if is_id(project_id):
+        status = await connection.scalar(select(projects.c.status).where(projects.c.id == project_id))
     if status is None:
-        raise NotFoundError(f"project {project_id} not found")
+        raise NotFoundError(f"project {project_id!r} not found")
     if status == ProjectStatus.CANCELLED:
         return status
     if status in FINAL_PROJECT_STATUSES:
@@ -269,9 +280,11 @@ def _cannot_cancel(project_id: str, status: str) -> ConflictError:
 
 
 async def get_project(connection: AsyncConnection, project_id: str) -> Row:
-    row = (await connection.execute(select(projects).where(projects.c.id == project_id))).first()
+    row = None
+    if is_id(project_id):
+        row = (await connection.execute(select(projects).where(projects.c.id == project_id))).first()
     if row is None:
-        raise NotFoundError(f"project {project_id} not found; list projects with GET /api/v1/projects")
+        raise NotFoundError(f"project {project_id!r} not found; list projects with GET /api/v1/projects")
     return row
 
 
@@ -284,11 +297,15 @@ async def list_tasks(connection: AsyncConnection, project_id: str) -> list[Row]:
 
 
 async def get_task(connection: AsyncConnection, project_id: str, task_id: str) -> Row:
-    row = (
-        await connection.execute(select(tasks).where(tasks.c.id == task_id, tasks.c.project_id == project_id))
-    ).first()
+    row = None
+    if is_id(project_id) and is_id(task_id):
+        row = (
+            await connection.execute(
+                select(tasks).where(tasks.c.id == task_id, tasks.c.project_id == project_id)
+            )
+        ).first()
     if row is None:
-        raise NotFoundError(f"task {task_id} not found in project {project_id}")
+        raise NotFoundError(f"task {task_id!r} not found in project {project_id!r}")
     return row
 
 
@@ -338,6 +355,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, project_id = raw.split("|", 1)
+        if not is_id(project_id):
+            raise ValueError(project_id)
         return datetime.fromisoformat(created), project_id
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -86,9 +87,12 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
 
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # "inf" and "nan" parse as floats but are not delays.
+        return max(0.0, seconds) if math.isfinite(seconds) else None
 
     try:
         moment = parsedate_to_datetime(value)

@@ -295,3 +295,71 @@ async def test_production_requires_api_key(database_url, tmp_path):
     assert right.status_code == 200
     assert metrics.status_code == 401
     assert health.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"brief": "\\ud800 build it"}', "unpaired surrogate"),
+        (b'{"brief": "build \\u0000 it"}', "NUL character"),
+        (b'{"brief": "build it", "title": "a\\u0000b"}', "NUL character"),
+    ],
+)
+async def test_unstorable_text_is_rejected(api_without_worker, content, message):
+    response = await api_without_worker.post(
+        "/api/v1/projects", content=content, headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize("project_id", ["%00", "x" * 300, "1' OR '1'='1", "..%2F..%2Fetc"])
+async def test_malformed_id_is_404(api_without_worker, project_id):
+    response = await api_without_worker.get(f"/api/v1/projects/{project_id}")
+
+    assert response.status_code == 404
+
+
+async def test_event_positions_are_bounded(api_without_worker):
+    project_id = (await api_without_worker.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
+
+    huge_after = await api_without_worker.get(
+        f"/api/v1/projects/{project_id}/events", params={"after": 2**31}
+    )
+    superscript = await api_without_worker.get(
+        f"/api/v1/projects/{project_id}/events",
+        headers={"Accept": "text/event-stream", "Last-Event-ID": "²".encode()},
+    )
+    too_large = await api_without_worker.get(
+        f"/api/v1/projects/{project_id}/events",
+        headers={"Accept": "text/event-stream", "Last-Event-ID": "99999999999999999999"},
+    )
+
+    assert huge_after.status_code == 422
+    assert superscript.status_code == 422
+    assert too_large.status_code == 422
+
+
+async def test_chunked_body_over_limit_is_413(api):
+    async def chunks():
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = await api.post(
+        "/api/v1/projects", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 413
+
+
+async def test_chunked_body_within_limit_is_read(api):
+    async def chunks():
+        yield b'{"brief": '
+        yield b'"# Demo\\n\\nBuild a small thing."}'
+
+    response = await api.post(
+        "/api/v1/projects", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 202

@@ -169,10 +169,15 @@ def test_production_warns_about_sqlite(tmp_path, caplog):
 
 
 def test_missing_secret_file_is_a_config_error(tmp_path):
-    write(tmp_path / "config.json", {
-        "llm": {"default_provider": "openai",
-                "providers": {"openai": {"kind": "openai", "api_key_file": str(tmp_path / "missing")}}}
-    })
+    write(
+        tmp_path / "config.json",
+        {
+            "llm": {
+                "default_provider": "openai",
+                "providers": {"openai": {"kind": "openai", "api_key_file": str(tmp_path / "missing")}},
+            }
+        },
+    )
 
     with pytest.raises(ConfigError, match="cannot read .*missing: No such file"):
         load_settings(config_dir=tmp_path, environ={"TORONTO_AI_ENV": "production"})
@@ -206,3 +211,32 @@ def test_cross_key_error_has_no_false_source(tmp_path):
 def test_missing_config_folder(tmp_path):
     with pytest.raises(ConfigError, match="is not a folder"):
         load_settings(environ={"TORONTO_AI_CONFIG_DIR": str(tmp_path / "nowhere")})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TORONTO_AI_AGENTS", "developer", "must be JSON"),
+        ("TORONTO_AI_WORKER__SHUTDOWN_GRACE_SECONDS", "inf", "finite number"),
+    ],
+)
+def test_unparsable_environment_values(tmp_path, variable, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config_dir=tmp_path, environ={variable: value})
+
+
+def test_config_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"port": "\xff"}')
+
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(config_dir=tmp_path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("url", "message"), [("notaurl", "not a database URL"), ("sqlite:///:memory:", "in-memory")]
+)
+def test_unusable_database_urls(url, message):
+    from app.db.engine import async_url
+
+    with pytest.raises(ConfigError, match=message):
+        async_url(url)

@@ -35,7 +35,9 @@ async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - any failure means not ready; the reason is reported
         logger.warning("readiness check failed: %s", exc, extra={"action": "health.not_ready"})
-        checks["database"] = f"failed: {type(exc).__name__}: {exc}"
+        # /ready is open in production, so it names the failure but not the server's message.
+        detail = type(exc).__name__ if runtime.settings.is_production else f"{type(exc).__name__}: {exc}"
+        checks["database"] = f"failed: {detail}"
 
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(

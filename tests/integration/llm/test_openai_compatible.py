@@ -432,3 +432,10 @@ async def test_error_hides_url_credentials(server: ScriptedServer, make_provider
     assert "query-secret" not in str(caught.value)
     assert "/v1/chat/completions" in str(caught.value)
     assert server.requests[0].path == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize("header", ["inf", "nan", "-inf"])
+def test_retry_after_rejects_non_finite(header):
+    from app.llm.retry import parse_retry_after
+
+    assert parse_retry_after(header) is None
