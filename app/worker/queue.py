@@ -194,10 +194,17 @@ class TaskQueue:
             result = await connection.execute(
                 update(tasks)
                 .where(_held(lease.task_id, lease.token))
-                .values(status=TaskStatus.CANCELLED, lease_owner=None, lease_expires_at=None, finished_at=utc_now())
+                .values(
+                    status=TaskStatus.CANCELLED,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=utc_now(),
+                )
             )
             if result.rowcount:
-                await _finish_attempt(connection, lease.task_id, lease.token, "cancelled", "the project is finished")
+                await _finish_attempt(
+                    connection, lease.task_id, lease.token, "cancelled", "the project is finished"
+                )
         return bool(result.rowcount)
 
     async def retry_later(
