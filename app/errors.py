@@ -9,6 +9,8 @@ Every error the service raises on purpose derives from ``TorontoAIError``::
     ├── SchemaVersionError     the database schema is not the one this code expects
     ├── DatabaseUnavailableError  the database cannot be reached or refuses the connection
     ├── PlanValidationError    a plan that names unknown roles, has cycles or is too large
+    ├── DocumentError          a document that is empty, binary, too large or not UTF-8
+    ├── EmbeddingError         the embedding model could not be loaded or called
     └── LLMError               a model call that failed
         ├── LLMTimeoutError        no response within the configured timeout
         ├── LLMRateLimitError      HTTP 429; carries the server's Retry-After
@@ -48,6 +50,14 @@ class DatabaseUnavailableError(TorontoAIError):
 
 class PlanValidationError(TorontoAIError):
     """A plan produced by the project manager is not a valid task graph."""
+
+
+class DocumentError(TorontoAIError, ValueError):
+    """A document that cannot be ingested as given; the message says how to fix it."""
+
+
+class EmbeddingError(TorontoAIError):
+    """The embedding model could not be loaded or did not return vectors."""
 
 
 class LLMError(TorontoAIError):

@@ -15,6 +15,10 @@ from app.agent.team import RoleSpec, build_team, sync_team
 from app.core.config import Settings
 from app.db.engine import Database
 from app.db.migrate import check_schema, lock_startup, upgrade
+from app.knowledge.embeddings import build_embedder
+from app.knowledge.ingestion import DocumentIngestor
+from app.knowledge.service import KnowledgeService
+from app.knowledge.store import EmbeddedVectorStore
 from app.llm.cache import ResponseCache
 from app.llm.registry import ProviderRegistry
 from app.worker.queue import TaskQueue
@@ -31,6 +35,8 @@ class Runtime:
     cache: ResponseCache
     queue: TaskQueue
     executor: TaskExecutor
+    knowledge: KnowledgeService
+    ingestor: DocumentIngestor
     # Set by the all-in-one process so that a new project wakes its embedded worker at once.
     notify_work: Callable[[], None] | None = None
 
@@ -56,8 +62,14 @@ class Runtime:
         )
         cache = ResponseCache(settings.caching)
         queue = TaskQueue(database, settings.worker)
-        executor = TaskExecutor(database, queue, providers, cache, settings)
-        return cls(settings, database, team, providers, cache, queue, executor)
+        embedder = build_embedder(settings.knowledge)
+        store = EmbeddedVectorStore(database, embedder.dimension)
+        knowledge = KnowledgeService(database, embedder, store, settings.knowledge)
+        ingestor = DocumentIngestor(
+            database, embedder, store, settings.knowledge, settings.worker.lease_seconds
+        )
+        executor = TaskExecutor(database, queue, providers, cache, settings, knowledge)
+        return cls(settings, database, team, providers, cache, queue, executor, knowledge, ingestor)
 
     async def aclose(self) -> None:
         await self.providers.aclose()

@@ -23,7 +23,10 @@ target="."
 [ -n "$extra" ] && target=".[$extra]"
 stamp=".venv/.installed-${extra:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "Installing the project into .venv (${target})" >&2
+    echo "Installing the project into .venv (${target}); the first time takes about a minute" >&2
+    # sentence-transformers needs torch; ask for the CPU build by its exact version first,
+    # because an open version range makes pip choose a CUDA build of several gigabytes.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --editable "$target"
     touch "$stamp"
 fi

@@ -19,9 +19,19 @@ from app.agent.team import PROJECT_MANAGER, RoleSpec, load_team
 from app.core.config import Settings
 from app.db import projects as project_store
 from app.db.engine import Database
-from app.db.records import LLMCallRecord, NewEvent, add_artifact, add_llm_calls, add_messages, append_events
+from app.db.records import (
+    LLMCallRecord,
+    NewEvent,
+    add_artifact,
+    add_llm_calls,
+    add_messages,
+    add_task_sources,
+    append_events,
+)
 from app.db.states import FINAL_PROJECT_STATUSES, TaskKind
 from app.errors import LLMError, PlanValidationError
+from app.knowledge.service import KnowledgeService
+from app.knowledge.store import ScoredChunk
 from app.llm.base import ChatMessage, Completion, CompletionRequest
 from app.llm.cache import ResponseCache
 from app.llm.pricing import cost_usd
@@ -45,6 +55,7 @@ class Execution:
     calls: list[LLMCallRecord] = field(default_factory=list)
     output: str = ""
     plan: list[PlannedTask] | None = None
+    sources: list[ScoredChunk] = field(default_factory=list)
 
 
 class TaskExecutor:
@@ -55,12 +66,14 @@ class TaskExecutor:
         providers: ProviderRegistry,
         cache: ResponseCache,
         settings: Settings,
+        knowledge: KnowledgeService,
     ) -> None:
         self.database = database
         self.queue = queue
         self.providers = providers
         self.cache = cache
         self.settings = settings
+        self.knowledge = knowledge
 
     async def execute(self, execution: Execution) -> None:
         """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure."""
@@ -72,22 +85,40 @@ class TaskExecutor:
             team = await load_team(connection, project.team)
             role = team[lease.role]
             execution.role = role.name
-            if lease.kind == TaskKind.PLAN:
-                await self._plan(execution, project.brief, role, team)
-                return
             if lease.kind == TaskKind.REPORT:
                 outputs = await project_store.read_work_outputs(connection, lease.project_id)
-                messages = prompts.report_messages(project.brief, role, _prior(outputs, team))
-            else:
+            elif lease.kind == TaskKind.WORK:
                 task = await project_store.get_task(connection, lease.project_id, lease.task_id)
                 outputs = await project_store.read_outputs(connection, task.depends_on)
-                messages = prompts.work_messages(
-                    project.brief, role, lease.title, lease.description, _prior(outputs, team)
-                )
+
+        # Model calls happen after the read transaction ends, so that no pooled database
+        # connection is held while a model thinks.
+        if lease.kind == TaskKind.PLAN:
+            await self._plan(execution, project.brief, role, team)
+            return
+        passages = await self._retrieve(execution, project, lease)
+        if lease.kind == TaskKind.REPORT:
+            messages = prompts.report_messages(project.brief, role, _prior(outputs, team), passages)
+        else:
+            messages = prompts.work_messages(
+                project.brief, role, lease.title, lease.description, _prior(outputs, team), passages
+            )
 
         completion = await self._call(execution, role, messages)
         execution.conversation = [*messages, ChatMessage("assistant", completion.text)]
         execution.output = completion.text
+
+    async def _retrieve(self, execution: Execution, project, lease: Lease) -> list[prompts.Passage]:
+        """Find the knowledge-base passages most relevant to this task and the brief."""
+        top_k = self.settings.knowledge.task_top_k
+        if not project.knowledge_base or top_k == 0:
+            return []
+        question = f"{lease.title}\n{lease.description}\n\n{project.brief[:1000]}"
+        if lease.kind == TaskKind.REPORT:
+            question = project.brief[:2000]
+        found = await self.knowledge.query(project.knowledge_base, question, top_k)
+        execution.sources = found.results
+        return [prompts.Passage(hit.source, hit.heading, hit.text, hit.score) for hit in found.results]
 
     async def store(self, connection: AsyncConnection, execution: Execution) -> bool:
         """Store a successful attempt; return False when the lease was lost meanwhile."""
@@ -104,6 +135,7 @@ class TaskExecutor:
         )
         await add_llm_calls(connection, lease.project_id, lease.task_id, lease.attempt, execution.calls)
         await add_artifact(connection, lease.project_id, lease.task_id, f"{lease.key}.md", execution.output)
+        await add_task_sources(connection, lease.task_id, execution.sources)
         await append_events(
             connection,
             lease.project_id,

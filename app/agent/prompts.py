@@ -20,6 +20,18 @@ TASK_HEADING = "# Your task: "
 MAX_DEPENDENCY_CHARS = 6000  # per dependency output quoted in a prompt, to bound its size
 
 
+KNOWLEDGE_HEADING = "# Knowledge"
+MAX_PASSAGE_CHARS = 2000  # per retrieved passage; chunks are about 200 tokens, so this rarely cuts
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    source: str
+    heading: str
+    text: str
+    score: float
+
+
 @dataclass(frozen=True, slots=True)
 class PriorOutput:
     key: str
@@ -63,11 +75,18 @@ def plan_correction(error: str) -> ChatMessage:
 
 
 def work_messages(
-    brief: str, role: RoleSpec, title: str, description: str, inputs: Sequence[PriorOutput]
+    brief: str,
+    role: RoleSpec,
+    title: str,
+    description: str,
+    inputs: Sequence[PriorOutput],
+    passages: Sequence[Passage] = (),
 ) -> list[ChatMessage]:
     sections = [f"# Project brief\n\n{brief.strip()}", f"{TASK_HEADING}{title}\n\n{description.strip()}"]
     if inputs:
         sections.append("# Outputs this task depends on\n\n" + _quote_outputs(inputs))
+    if passages:
+        sections.append(knowledge_section(passages))
     sections.append(
         "# Instructions\n\nWrite your deliverable for this task in Markdown. Build on the outputs "
         "above where they exist, and state assumptions you had to make."
@@ -75,15 +94,34 @@ def work_messages(
     return [system_message(role), ChatMessage("user", "\n\n".join(sections))]
 
 
-def report_messages(brief: str, manager: RoleSpec, outputs: Sequence[PriorOutput]) -> list[ChatMessage]:
+def report_messages(
+    brief: str, manager: RoleSpec, outputs: Sequence[PriorOutput], passages: Sequence[Passage] = ()
+) -> list[ChatMessage]:
+    knowledge = f"{knowledge_section(passages)}\n\n" if passages else ""
     request = (
         f"# Project brief\n\n{brief.strip()}\n\n"
         f"# Completed tasks\n\n{_quote_outputs(outputs)}\n\n"
+        f"{knowledge}"
         f"{REPORT_HEADING}\n\n"
         "Review the outputs above and write the final report in Markdown: a summary of what "
         "was delivered, each task's main result, open risks and the next steps."
     )
     return [system_message(manager), ChatMessage("user", request)]
+
+
+def knowledge_section(passages: Sequence[Passage]) -> str:
+    """Number the retrieved passages so that an output can cite them as [n]."""
+    entries = []
+    for number, passage in enumerate(passages, start=1):
+        text = passage.text.strip()
+        if len(text) > MAX_PASSAGE_CHARS:
+            text = text[:MAX_PASSAGE_CHARS] + " [...]"
+        where = f" ({passage.heading})" if passage.heading else ""
+        entries.append(f"[{number}] {passage.source}{where}\n\n{text}")
+    return (
+        f"{KNOWLEDGE_HEADING}\n\nPassages from the project's knowledge base, most relevant first. "
+        "Cite a passage as [n] where you use it.\n\n" + "\n\n".join(entries)
+    )
 
 
 def _quote_outputs(outputs: Sequence[PriorOutput]) -> str:

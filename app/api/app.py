@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 from app.api.deps import require_api_key
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
-from app.api.routes import health, projects
+from app.api.routes import health, knowledge, projects
 from app.core.config import Settings
 from app.runtime import Runtime
 from app.worker.runner import Worker
@@ -31,7 +31,7 @@ def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: boo
         app.state.runtime = runtime
         worker_task = None
         if embedded_worker:
-            worker = Worker(runtime.database, runtime.executor, settings)
+            worker = Worker(runtime.database, runtime.executor, settings, ingestor=runtime.ingestor)
             runtime.notify_work = worker.wake
             worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
         logger.info(
@@ -57,6 +57,7 @@ def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: boo
     app.include_router(health.router)
     app.include_router(health.metrics_router, dependencies=[Depends(require_api_key)])
     app.include_router(projects.router, dependencies=[Depends(require_api_key)])
+    app.include_router(knowledge.router, dependencies=[Depends(require_api_key)])
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from app.cli.demo import run_demo
 from app.core.arguments import port_number
@@ -57,9 +58,11 @@ async def create_key(name: str) -> None:
 async def revoke_key(prefix: str) -> int:
     from app.api.auth import revoke_api_key
     from app.db.engine import Database
+    from app.db.migrate import check_schema
 
     database = Database(load_settings().database)
     try:
+        await check_schema(database)
         async with database.transaction() as connection:
             count = await revoke_api_key(connection, prefix)
     finally:
@@ -81,6 +84,12 @@ def serve(port: int | None) -> None:
     serve_api(settings, embedded_worker=True)
 
 
+def key_name(text: str) -> str:
+    if not 1 <= len(text.strip()) <= 100:
+        raise argparse.ArgumentTypeError(f"give a name of 1 to 100 characters, not {len(text)}")
+    return text.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description="TORONTO AI TEAM AGENT backend")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="bring the database schema up to date")
 
     create = commands.add_parser("create-api-key", help="create an API key and print it once")
-    create.add_argument("--name", required=True, help="who or what uses the key, for listings")
+    create.add_argument("--name", required=True, type=key_name, help="who or what uses the key, for listings")
 
     revoke = commands.add_parser("revoke-api-key", help="revoke the active keys with this prefix")
     revoke.add_argument("prefix", help="the first 8 characters of the key")
@@ -98,10 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run an example project end to end and print its report")
     demo.add_argument(
-        "--brief", help="a brief file, or the name of a shipped example (default: team-wiki-search)"
+        "--brief",
+        help="a brief file, or the name of a shipped example "
+        "(default: python-modernisation, which draws on the python-peps knowledge base)",
+    )
+    demo.add_argument("--knowledge", type=Path, help="a folder of documents to ingest and give the project")
+    demo.add_argument(
+        "--no-knowledge", action="store_true", help="run the default example without its knowledge base"
     )
     demo.add_argument(
-        "--port", type=int, default=0, help="TCP port of the demo server (default: any free port)"
+        "--port", type=port_number, default=0, help="TCP port of the demo server (default: any free port)"
     )
     return parser
 
@@ -118,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         elif arguments.command == "serve":
             serve(arguments.port)
         elif arguments.command == "demo":
-            return asyncio.run(run_demo(arguments.brief, arguments.port))
+            return asyncio.run(
+                run_demo(arguments.brief, arguments.port, arguments.knowledge, not arguments.no_knowledge)
+            )
     except TorontoAIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,13 +16,19 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from tqdm import tqdm
 
-from app.api.server import server_config
+from app.api.server import prepare_database, server_config
 from app.core.config import load_settings
 from app.core.logging import configure_logging
+from app.training.cli import collect_files, read_documents
 
 EXAMPLES_FOLDER = Path(__file__).resolve().parents[2] / "examples" / "briefs"
-DEFAULT_EXAMPLE = "team-wiki-search"
+DEFAULT_EXAMPLE = "python-modernisation"
+# The default example draws on these public-domain PEPs, ingested into a knowledge base first.
+DEFAULT_KNOWLEDGE = Path(__file__).resolve().parents[2] / "examples" / "knowledge" / "python-peps"
+DEFAULT_KNOWLEDGE_BASE = "python-peps"
+INGESTION_TIMEOUT = 900.0  # seconds; the shipped sample takes well under a minute on two cores
 STARTUP_TIMEOUT = 60.0  # seconds for the server to migrate and listen
 PROJECT_TIMEOUT = 600.0  # seconds for the whole project
 
@@ -41,21 +47,31 @@ def resolve_brief(choice: str | None) -> Path:
     )
 
 
-async def run_demo(choice: str | None, port: int) -> int:
+async def run_demo(
+    choice: str | None, port: int, knowledge: Path | None = None, use_knowledge: bool = True
+) -> int:
     brief_path = resolve_brief(choice)
+    if knowledge is None and use_knowledge and choice in (None, DEFAULT_EXAMPLE):
+        knowledge = DEFAULT_KNOWLEDGE
     settings = load_settings()
     port = port or _free_port()
     settings = settings.model_copy(update={"port": port, "host": "127.0.0.1"})
     # Progress lines are the demo's output; logs would bury them unless asked for.
     configure_logging(os.environ.get("TORONTO_AI_LOG_LEVEL", "WARNING"), settings.log_format)
 
-    server = uvicorn.Server(server_config(settings, embedded_worker=True))
+    await prepare_database(settings, migrate=True)
+    server = uvicorn.Server(server_config(settings, migrate=False, embedded_worker=True))
     serving = asyncio.create_task(server.serve(), name="demo-server")
     try:
         base_url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as client:
             await _wait_until_ready(client, serving)
-            return await _run_project(client, brief_path)
+            knowledge_base = None
+            if knowledge is not None:
+                knowledge_base = knowledge.name if knowledge != DEFAULT_KNOWLEDGE else DEFAULT_KNOWLEDGE_BASE
+                if not await _ingest(client, knowledge_base, knowledge):
+                    return 1
+            return await _run_project(client, brief_path, knowledge_base)
     finally:
         server.should_exit = True
         await serving
@@ -76,9 +92,49 @@ async def _wait_until_ready(client: httpx.AsyncClient, serving: asyncio.Task) ->
     raise SystemExit(f"error: the server was not ready within {STARTUP_TIMEOUT:.0f} seconds")
 
 
-async def _run_project(client: httpx.AsyncClient, brief_path: Path) -> int:
+async def _ingest(client: httpx.AsyncClient, name: str, folder: Path) -> bool:
+    """Create the knowledge base if needed, add the folder's documents and follow their ingestion."""
+    created = await client.post("/api/v1/knowledge-bases", json={"name": name})
+    if created.status_code not in (201, 409):
+        print(f"error: creating knowledge base {name!r} failed: {created.json()['detail']}", file=sys.stderr)
+        return False
+
+    documents, rejected = read_documents(collect_files([folder]), max_bytes=2**31)
+    for line in rejected:
+        print(f"skipped {line}", file=sys.stderr)
+    body = {"documents": [{"source": item.source, "text": item.text} for item in documents]}
+    response = await client.post(f"/api/v1/knowledge-bases/{name}/documents", json=body)
+    if response.status_code != 202:
+        print(f"error: adding documents to {name!r} failed: {response.json()['detail']}", file=sys.stderr)
+        return False
+    queued = response.json()
+    waiting = queued["added"] + queued["replaced"]
+    print(f"Knowledge base {name}: {len(documents)} documents from {folder}, {waiting} to ingest")
+
+    deadline = time.monotonic() + INGESTION_TIMEOUT
+    with tqdm(total=waiting, unit="doc", desc="ingesting", disable=not waiting) as progress:
+        while time.monotonic() < deadline:
+            state = (await client.get(f"/api/v1/knowledge-bases/{name}")).json()
+            progress.update(max(0, waiting - state["pending_documents"] - progress.n))
+            if state["pending_documents"] == 0:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            print(f"error: ingestion did not finish within {INGESTION_TIMEOUT:.0f} seconds", file=sys.stderr)
+            return False
+    print(f"Knowledge base {name}: {state['documents']} documents, {state['chunks']} chunks")
+    if state["failed_documents"]:
+        print(
+            f"warning: {state['failed_documents']} documents failed; see GET /api/v1/knowledge-bases/{name}/documents?status=failed",
+            file=sys.stderr,
+        )
+    return True
+
+
+async def _run_project(client: httpx.AsyncClient, brief_path: Path, knowledge_base: str | None) -> int:
     brief = brief_path.read_text(encoding="utf-8")
-    response = await client.post("/api/v1/projects", json={"brief": brief})
+    body = {"brief": brief} | ({"knowledge_base": knowledge_base} if knowledge_base else {})
+    response = await client.post("/api/v1/projects", json=body)
     if response.status_code != 202:
         print(f"error: the API rejected {brief_path}: {response.json()['detail']}", file=sys.stderr)
         return 1

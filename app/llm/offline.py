@@ -117,11 +117,13 @@ def respond(prompt: str) -> str:
 
     if task_name == "plan":
         return _plan(sections.get("Team", ""), _plan_limit(sections.get(task_heading, "")))
+    citations = _citations(sections.get("Knowledge", ""))
     if task_name == "final report":
-        return _report(brief, sections.get("Completed tasks", ""))
-    return _deliverable(
+        return _report(brief, sections.get("Completed tasks", "")) + citations
+    deliverable = _deliverable(
         brief, task_name, sections.get(task_heading, ""), sections.get("Outputs this task depends on", "")
     )
+    return deliverable + citations
 
 
 def _prompt_of(request: CompletionRequest) -> str:
@@ -135,6 +137,7 @@ def _prompt_of(request: CompletionRequest) -> str:
 
 
 _PROMPT_HEADINGS = (
+    "Knowledge",
     "Project brief",
     "Team",
     "Outputs this task depends on",
@@ -243,6 +246,29 @@ def _report(brief: str, completed: str) -> str:
     lines += ["", "## Open risks", ""]
     lines += [f"- {term}: confirm with the requester" for term in key_terms(brief)[:3]]
     lines += ["", "## Next steps", "", "- Replace the offline provider with a model to get real analysis."]
+    return "\n".join(lines)
+
+
+_PASSAGE = re.compile(
+    r"^\[(\d+)\] (\S+)(?: \(([^\n]*)\))?\n\n(.*?)(?=\n\n\[\d+\] |\Z)", re.MULTILINE | re.DOTALL
+)
+_QUOTE_CHARS = 240  # of each passage quoted in an offline output
+
+
+def _citations(knowledge: str) -> str:
+    """Quote each retrieved passage with its number and source, the way a model should cite them."""
+    passages = _PASSAGE.findall(knowledge)
+    if not passages:
+        return ""
+    lines = ["", "", "### Sources", ""]
+    for number, source, heading, text in passages:
+        body = " ".join(text.split())
+        # The chunk starts with its heading path; the quote is more useful without it.
+        if heading and body.startswith(heading):
+            body = body[len(heading) :].strip()
+        quote = body if len(body) <= _QUOTE_CHARS else body[:_QUOTE_CHARS].rsplit(" ", 1)[0] + " ..."
+        where = f", {heading}" if heading else ""
+        lines.append(f'- [{number}] {source}{where}: "{quote}"')
     return "\n".join(lines)
 
 

@@ -22,6 +22,8 @@ from app.agent.executor import Execution, ProjectClosedError, TaskExecutor
 from app.core.config import Settings
 from app.db.engine import Database
 from app.errors import LLMError, LLMRateLimitError, PlanValidationError
+from app.knowledge.ingestion import DocumentIngestor
+from app.worker.ingestion_loop import IngestionLoop
 from app.worker.queue import Lease
 
 logger = logging.getLogger(__name__)
@@ -33,13 +35,19 @@ def new_worker_id() -> str:
 
 class Worker:
     def __init__(
-        self, database: Database, executor: TaskExecutor, settings: Settings, worker_id: str | None = None
+        self,
+        database: Database,
+        executor: TaskExecutor,
+        settings: Settings,
+        worker_id: str | None = None,
+        ingestor: DocumentIngestor | None = None,
     ) -> None:
         self.database = database
         self.executor = executor
         self.queue = executor.queue
         self.settings = settings.worker
         self.worker_id = worker_id or new_worker_id()
+        self.ingestion = IngestionLoop(ingestor, settings, self.worker_id) if ingestor else None
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -48,10 +56,12 @@ class Worker:
     def wake(self) -> None:
         """Claim now instead of at the next poll, for a caller that just queued work."""
         self._wake.set()
+        if self.ingestion is not None:
+            self.ingestion.wake.set()
 
     def stop(self) -> None:
         self._stopping.set()
-        self._wake.set()
+        self.wake()
 
     async def run(self) -> None:
         """Work until stop() is called, then drain; returns when every lease is finished or released."""
@@ -67,6 +77,10 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.worker_id}"),
             asyncio.create_task(self._sweep_loop(), name=f"sweeper-{self.worker_id}"),
         ]
+        if self.ingestion is not None:
+            loops.append(
+                asyncio.create_task(self.ingestion.run(self._stopping), name=f"ingestion-{self.worker_id}")
+            )
         try:
             await self._claim_loop()
             await self._drain()
@@ -158,7 +172,11 @@ class Worker:
             return
         except LLMError as exc:
             if exc.retryable and lease.attempt < lease.max_attempts:
-                delay = exc.retry_after if isinstance(exc, LLMRateLimitError) and exc.retry_after else None
+                delay = None
+                if isinstance(exc, LLMRateLimitError) and exc.retry_after:
+                    # The server's wait, within the worker's own ceiling: a misbehaving
+                    # server must not park a task for days.
+                    delay = min(exc.retry_after, self.settings.backoff_max_seconds)
                 await self._retry(execution, f"{type(exc).__name__}: {exc}", delay)
             else:
                 await self._fail(execution, f"{type(exc).__name__}: {exc}")

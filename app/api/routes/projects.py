@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -34,12 +35,15 @@ from app.api.schemas import (
 from app.db import projects as store
 from app.db.models import events, llm_calls, messages, projects
 from app.db.states import FINAL_PROJECT_STATUSES, ProjectStatus
+from app.errors import NotFoundError
+from app.knowledge import repository as knowledge_repository
 from app.monitoring.metrics import PROJECTS_CREATED
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
 EVENTS_PER_READ = 500
+MAX_SEQ = 2**31 - 1  # events.seq is a 32-bit integer column
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProjectAccepted)
@@ -51,13 +55,12 @@ async def create_project(body: ProjectCreate, runtime: RuntimeDep) -> ProjectAcc
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             f"brief: {len(body.brief)} characters, over the limit of {limit}; shorten it or raise api.max_brief_chars",
         )
-    if body.knowledge_base is not None:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"knowledge_base: no knowledge base named {body.knowledge_base!r} exists; leave the field out",
-        )
-
     async with runtime.database.transaction() as connection:
+        if body.knowledge_base is not None:
+            try:
+                await knowledge_repository.get_knowledge_base(connection, body.knowledge_base)
+            except NotFoundError as exc:
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"knowledge_base: {exc}") from exc
         team = await load_team(connection, body.team)
         if not team:
             raise HTTPException(
@@ -227,7 +230,9 @@ async def read_events(
     project_id: str,
     request: Request,
     runtime: RuntimeDep,
-    after: Annotated[int, Query(ge=0, description="Return events with a sequence number above this")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_SEQ, description="Return events with a sequence number above this")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     last_event_id: Annotated[str | None, Header()] = None,
 ):
@@ -246,7 +251,7 @@ async def read_events(
 
     start = after
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        if not re.fullmatch(r"[0-9]{1,10}", last_event_id.strip()) or int(last_event_id) > MAX_SEQ:
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_CONTENT,
                 f"Last-Event-ID: {last_event_id!r} is not an event sequence number; send the id of the last event received",

@@ -1,0 +1,196 @@
+"""Knowledge bases as the API, the CLI and the agents use them.
+
+Queries embed the text once (query embeddings are cached) and search the vector store; the
+results of identical queries are cached per knowledge-base version, so a change to the base
+is never answered from a stale entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Row
+
+from app.core.config import KnowledgeSettings
+from app.db.engine import Database
+from app.errors import ConflictError, DocumentError
+from app.knowledge import repository
+from app.knowledge.embeddings import Embedder
+from app.knowledge.repository import NewDocument
+from app.knowledge.store import ScoredChunk, VectorStore
+
+logger = logging.getLogger(__name__)
+
+MAX_SOURCE_CHARS = 1000
+MAX_QUERY_CHARS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    results: list[ScoredChunk]
+    cached: bool
+    version: int
+
+
+class LRUCache:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.max_entries <= 0:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+class KnowledgeService:
+    def __init__(
+        self, database: Database, embedder: Embedder, store: VectorStore, settings: KnowledgeSettings
+    ) -> None:
+        self.database = database
+        self.embedder = embedder
+        self.store = store
+        self.settings = settings
+        self._query_vectors = LRUCache(settings.query_cache_entries)
+        self._results = LRUCache(settings.query_cache_entries)
+
+    async def create(self, name: str, description: str) -> Row:
+        async with self.database.transaction() as connection:
+            row = await repository.insert_knowledge_base(
+                connection, name, description, self.embedder.model_name, self.embedder.dimension
+            )
+        logger.info(
+            "knowledge base created", extra={"action": "knowledge_base.created", "knowledge_base": name}
+        )
+        return row
+
+    async def describe(self, name: str) -> tuple[Row, dict[str, int]]:
+        async with self.database.read() as connection:
+            row = await repository.get_knowledge_base(connection, name)
+            counts = await repository.knowledge_base_counts(connection, row.id)
+        return row, counts
+
+    async def add_documents(self, name: str, new_documents: Sequence[NewDocument]) -> tuple[int, int, int]:
+        """Validate and queue documents; return how many are new, replace a source, or are unchanged."""
+        check_documents(new_documents, self.settings)
+        async with self.database.transaction() as connection:
+            row = await repository.get_knowledge_base(connection, name)
+            self._check_model(row)
+            counts = await repository.queue_documents(connection, row.id, new_documents)
+        logger.info(
+            "documents queued for ingestion",
+            extra={
+                "action": "documents.queued",
+                "knowledge_base": name,
+                "added": counts[0],
+                "replaced": counts[1],
+            },
+        )
+        return counts
+
+    async def delete_document(self, name: str, source: str) -> None:
+        async with self.database.transaction() as connection:
+            row = await repository.get_knowledge_base(connection, name)
+            await repository.delete_document(connection, row.id, source)
+
+    async def query(self, name: str, text: str, top_k: int, *, source: str | None = None) -> QueryResult:
+        if not text.strip():
+            raise DocumentError("text: the query is empty; send the question to search for")
+        if "\x00" in text or not _is_unicode(text):
+            raise DocumentError(
+                "text: the query contains NUL characters or unpaired surrogates; send UTF-8 text"
+            )
+        if len(text) > MAX_QUERY_CHARS:
+            raise DocumentError(f"text: the query has {len(text)} characters; the limit is {MAX_QUERY_CHARS}")
+        if not 1 <= top_k <= self.settings.max_top_k:
+            raise DocumentError(
+                f"top_k: {top_k} is outside 1 to {self.settings.max_top_k}; ask for fewer results "
+                "or raise knowledge.max_top_k"
+            )
+
+        async with self.database.read() as connection:
+            row = await repository.get_knowledge_base(connection, name)
+        self._check_model(row)
+
+        key = (row.id, row.version, text, top_k, source)
+        cached = self._results.get(key)
+        if cached is not None:
+            return QueryResult(cached, cached=True, version=row.version)
+
+        vector = await self._query_vector(text)
+        results = await self.store.search(row.id, row.version, vector, top_k, source=source)
+        self._results.put(key, results)
+        return QueryResult(results, cached=False, version=row.version)
+
+    async def _query_vector(self, text: str) -> np.ndarray:
+        vector = self._query_vectors.get(text)
+        if vector is None:
+            vector = (await self.embedder.embed([text]))[0]
+            self._query_vectors.put(text, vector)
+        return vector
+
+    def _check_model(self, row: Row) -> None:
+        if row.embedding_model != self.embedder.model_name or row.dimension != self.embedder.dimension:
+            raise ConflictError(
+                f"knowledge base {row.name!r} was built with {row.embedding_model} ({row.dimension} dimensions), "
+                f"but this process embeds with {self.embedder.model_name} ({self.embedder.dimension}); "
+                "configure knowledge.embedding_model to match or create a new knowledge base"
+            )
+
+
+def check_documents(new_documents: Sequence[NewDocument], settings: KnowledgeSettings) -> None:
+    """Reject a batch before anything is stored, naming the first document that is not acceptable."""
+    if not new_documents:
+        raise DocumentError("no documents given; send at least one {source, text} object")
+    if len(new_documents) > settings.max_documents_per_request:
+        raise DocumentError(
+            f"{len(new_documents)} documents in one request; the limit is {settings.max_documents_per_request}, "
+            "so send them in several requests"
+        )
+
+    seen: set[str] = set()
+    for document in new_documents:
+        source = document.source
+        if not source.strip() or len(source) > MAX_SOURCE_CHARS:
+            raise DocumentError(f"source {source[:80]!r}: give a name of 1 to {MAX_SOURCE_CHARS} characters")
+        if source in seen:
+            raise DocumentError(f"source {source!r} appears twice in this request; send each source once")
+        seen.add(source)
+        size = len(document.text.encode("utf-8", errors="surrogatepass"))
+        if size > settings.max_document_bytes:
+            raise DocumentError(
+                f"source {source!r}: {size} bytes, over the limit of {settings.max_document_bytes}; "
+                "split the document or raise knowledge.max_document_bytes"
+            )
+        if not document.text.strip():
+            raise DocumentError(f"source {source!r}: the text is empty; leave the document out")
+        if "\x00" in document.text or "\x00" in source:
+            raise DocumentError(
+                f"source {source!r}: the document contains NUL characters, so it is binary, not text"
+            )
+        if not _is_unicode(document.text) or not _is_unicode(source):
+            raise DocumentError(
+                f"source {source!r}: the document contains unpaired surrogates; send UTF-8 text"
+            )
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

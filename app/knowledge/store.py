@@ -1,0 +1,239 @@
+"""The vector store interface and its embedded implementation.
+
+``EmbeddedVectorStore`` keeps each chunk's vector in the ``chunks`` table, written in the
+same transaction as the document it belongs to, so several local processes share it through
+the database and a crash never leaves half a document. Each process holds one in-memory
+matrix per knowledge base and searches it exactly (a matrix-vector product over unit
+vectors, so recall is 1.0). The matrix is reloaded when the knowledge base's ``version``,
+which every change increments, differs from the one it was loaded at.
+
+A store for Chroma servers implements the same three methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.db.engine import Database
+from app.db.models import chunks, documents, knowledge_bases
+from app.db.records import utc_now
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    id: str
+    position: int
+    heading: str
+    text: str
+    token_count: int
+    content_hash: str
+    vector: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredChunk:
+    chunk_id: str
+    document_id: str
+    source: str
+    heading: str
+    text: str
+    position: int
+    score: float
+    metadata: dict[str, Any]
+
+
+class VectorStore(Protocol):
+    async def write_document(
+        self,
+        connection: AsyncConnection,
+        knowledge_base_id: str,
+        document_id: str,
+        items: Sequence[StoredChunk],
+    ) -> None:
+        """Replace the chunks of a document, inside the caller's transaction."""
+
+    async def delete_document(
+        self, connection: AsyncConnection, knowledge_base_id: str, document_id: str
+    ) -> None: ...
+
+    async def search(
+        self,
+        knowledge_base_id: str,
+        version: int,
+        vector: np.ndarray,
+        top_k: int,
+        *,
+        source: str | None = None,
+    ) -> list[ScoredChunk]:
+        """Return the ``top_k`` chunks most similar to a unit ``vector``, best first."""
+
+
+@dataclass(slots=True)
+class _Index:
+    version: int
+    matrix: np.ndarray  # (chunks, dimension), unit rows
+    ids: list[str]
+    document_ids: list[str]
+    sources: np.ndarray  # of str, for filtering
+    headings: list[str]
+    texts: list[str]
+    positions: list[int]
+    hashes: list[str]
+    metadata: dict[str, dict[str, Any]]  # by document id
+
+
+class EmbeddedVectorStore:
+    def __init__(self, database: Database, dimension: int) -> None:
+        self.database = database
+        self.dimension = dimension
+        self._indexes: dict[str, _Index] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def write_document(
+        self,
+        connection: AsyncConnection,
+        knowledge_base_id: str,
+        document_id: str,
+        items: Sequence[StoredChunk],
+    ) -> None:
+        await connection.execute(delete(chunks).where(chunks.c.document_id == document_id))
+        if not items:
+            return
+        now = utc_now()
+        await connection.execute(
+            chunks.insert(),
+            [
+                {
+                    "id": item.id,
+                    "knowledge_base_id": knowledge_base_id,
+                    "document_id": document_id,
+                    "position": item.position,
+                    "heading": item.heading,
+                    "text": item.text,
+                    "token_count": item.token_count,
+                    "content_hash": item.content_hash,
+                    "embedding": np.asarray(item.vector, dtype=np.float32).tobytes(),
+                    "created_at": now,
+                }
+                for item in items
+            ],
+        )
+
+    async def delete_document(
+        self, connection: AsyncConnection, knowledge_base_id: str, document_id: str
+    ) -> None:
+        await connection.execute(delete(chunks).where(chunks.c.document_id == document_id))
+
+    async def search(
+        self,
+        knowledge_base_id: str,
+        version: int,
+        vector: np.ndarray,
+        top_k: int,
+        *,
+        source: str | None = None,
+    ) -> list[ScoredChunk]:
+        index = await self._index(knowledge_base_id, version)
+        if not index.ids or top_k <= 0:
+            return []
+
+        scores = index.matrix @ np.asarray(vector, dtype=np.float32)
+        if source is not None:
+            scores = np.where(index.sources == source, scores, -np.inf)
+
+        # Take more than top_k so that duplicates collapsed below still leave top_k results.
+        wanted = min(len(scores), top_k * 2)
+        candidates = np.argpartition(-scores, wanted - 1)[:wanted]
+        ordered = candidates[np.argsort(-scores[candidates], kind="stable")]
+        return _collapse_duplicates(index, ordered, scores, top_k)
+
+    def forget(self, knowledge_base_id: str) -> None:
+        self._indexes.pop(knowledge_base_id, None)
+
+    async def _index(self, knowledge_base_id: str, version: int) -> _Index:
+        index = self._indexes.get(knowledge_base_id)
+        if index is not None and index.version == version:
+            return index
+        lock = self._locks.setdefault(knowledge_base_id, asyncio.Lock())
+        async with lock:
+            index = self._indexes.get(knowledge_base_id)
+            if index is None or index.version != version:
+                index = await self._load(knowledge_base_id)
+                self._indexes[knowledge_base_id] = index
+        return index
+
+    async def _load(self, knowledge_base_id: str) -> _Index:
+        async with self.database.read() as connection:
+            # The version is read before the chunks: data loaded later is never older
+            # than the version it is tagged with, so a newer version always reloads.
+            version = await connection.scalar(
+                select(knowledge_bases.c.version).where(knowledge_bases.c.id == knowledge_base_id)
+            )
+            rows = (
+                await connection.execute(
+                    select(
+                        chunks.c.id,
+                        chunks.c.document_id,
+                        chunks.c.position,
+                        chunks.c.heading,
+                        chunks.c.text,
+                        chunks.c.content_hash,
+                        chunks.c.embedding,
+                        documents.c.source,
+                        documents.c.metadata,
+                    )
+                    .join(documents, documents.c.id == chunks.c.document_id)
+                    .where(chunks.c.knowledge_base_id == knowledge_base_id)
+                    .order_by(documents.c.source, chunks.c.position)
+                )
+            ).all()
+
+        matrix = np.zeros((len(rows), self.dimension), dtype=np.float32)
+        for row_number, row in enumerate(rows):
+            matrix[row_number] = np.frombuffer(row.embedding, dtype=np.float32)
+        return _Index(
+            version=version or 0,
+            matrix=matrix,
+            ids=[row.id for row in rows],
+            document_ids=[row.document_id for row in rows],
+            sources=np.array([row.source for row in rows], dtype=object),
+            headings=[row.heading for row in rows],
+            texts=[row.text for row in rows],
+            positions=[row.position for row in rows],
+            hashes=[row.content_hash for row in rows],
+            metadata={row.document_id: row.metadata or {} for row in rows},
+        )
+
+
+def _collapse_duplicates(
+    index: _Index, ordered: np.ndarray, scores: np.ndarray, top_k: int
+) -> list[ScoredChunk]:
+    """Keep the best of chunks with identical text, such as a licence footer in every document."""
+    seen: set[str] = set()
+    results: list[ScoredChunk] = []
+    for row in ordered:
+        if not np.isfinite(scores[row]) or index.hashes[row] in seen:
+            continue
+        seen.add(index.hashes[row])
+        results.append(
+            ScoredChunk(
+                chunk_id=index.ids[row],
+                document_id=index.document_ids[row],
+                source=str(index.sources[row]),
+                heading=index.headings[row],
+                text=index.texts[row],
+                position=index.positions[row],
+                score=float(scores[row]),
+                metadata=index.metadata.get(index.document_ids[row], {}),
+            )
+        )
+        if len(results) == top_k:
+            break
+    return results
