@@ -147,6 +147,14 @@ class MessagePublic(BaseModel):
     content: str
 
 
+class SourcePublic(BaseModel):
+    rank: int
+    source: str
+    heading: str
+    score: float
+    chunk_id: str
+
+
 class TaskDetail(TaskPublic):
     project_id: str
     description: str
@@ -157,6 +165,7 @@ class TaskDetail(TaskPublic):
     output: str | None
     attempt_history: list[AttemptPublic]
     llm_calls: list[LLMCallPublic]
+    sources: list[SourcePublic] = Field(description="Knowledge-base passages the prompt carried, best first")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

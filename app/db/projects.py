@@ -14,7 +14,7 @@ from sqlalchemy import Row, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.agent.planning import PlannedTask
-from app.db.models import llm_calls, projects, task_attempts, task_dependencies, tasks
+from app.db.models import llm_calls, projects, task_attempts, task_dependencies, task_sources, tasks
 from app.db.records import NewEvent, append_events, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
 from app.errors import ConflictError, NotFoundError
@@ -313,6 +313,14 @@ async def list_llm_calls(connection: AsyncConnection, task_id: str) -> list[Row]
     return list(
         await connection.execute(
             select(llm_calls).where(llm_calls.c.task_id == task_id).order_by(llm_calls.c.id)
+        )
+    )
+
+
+async def list_task_sources(connection: AsyncConnection, task_id: str) -> list[Row]:
+    return list(
+        await connection.execute(
+            select(task_sources).where(task_sources.c.task_id == task_id).order_by(task_sources.c.rank)
         )
     )
 

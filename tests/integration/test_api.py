@@ -81,6 +81,7 @@ async def test_task_detail_has_calls_and_input(api):
     assert "## T1:" in detail["input"][1]["content"]
     assert detail["output"]
     assert detail["attempt_history"][0]["outcome"] == "completed"
+    assert detail["sources"] == []
     call = detail["llm_calls"][0]
     assert call["provider"] == "offline"
     assert call["prompt_tokens"] > 0

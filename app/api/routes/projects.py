@@ -27,6 +27,7 @@ from app.api.schemas import (
     ProjectPage,
     ProjectPublic,
     ProjectSummary,
+    SourcePublic,
     TaskDetail,
     TaskPublic,
     UsagePublic,
@@ -168,6 +169,7 @@ async def read_task(project_id: str, task_id: str, runtime: RuntimeDep) -> TaskD
         task = await store.get_task(connection, project_id, task_id)
         calls = await store.list_llm_calls(connection, task_id)
         attempts = await store.list_attempts(connection, task_id)
+        sources = await store.list_task_sources(connection, task_id)
         prompt = list(
             await connection.execute(
                 select(messages.c.sender, messages.c.content)
@@ -209,6 +211,10 @@ async def read_task(project_id: str, task_id: str, runtime: RuntimeDep) -> TaskD
                 created_at=as_utc(row.created_at),
             )
             for row in calls
+        ],
+        sources=[
+            SourcePublic(rank=row.rank, source=row.source, heading=row.heading, score=row.score, chunk_id=row.chunk_id)
+            for row in sources
         ],
         created_at=as_utc(task.created_at),
         started_at=as_utc(task.started_at),
