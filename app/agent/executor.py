@@ -26,7 +26,6 @@ from app.db.records import (
     add_llm_calls,
     add_messages,
     add_task_sources,
-    append_events,
 )
 from app.db.states import FINAL_PROJECT_STATUSES, TaskKind
 from app.errors import LLMError, PlanValidationError
@@ -74,6 +73,7 @@ class TaskExecutor:
         self.cache = cache
         self.settings = settings
         self.knowledge = knowledge
+        self._teams: dict[str, dict[str, RoleSpec]] = {}
 
     async def execute(self, execution: Execution) -> None:
         """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure."""
@@ -82,7 +82,11 @@ class TaskExecutor:
             project = await project_store.get_project(connection, lease.project_id)
             if project.status in FINAL_PROJECT_STATUSES:
                 raise ProjectClosedError(f"project {project.id} is {project.status}")
-            team = await load_team(connection, project.team)
+            team = self._teams.get(project.team)
+            if team is None:
+                # Teams are stored at start-up from the configuration and do not change
+                # while the process runs, so one read per team is enough.
+                team = self._teams[project.team] = await load_team(connection, project.team)
             role = team[lease.role]
             execution.role = role.name
             if lease.kind == TaskKind.REPORT:
@@ -123,7 +127,10 @@ class TaskExecutor:
     async def store(self, connection: AsyncConnection, execution: Execution) -> bool:
         """Store a successful attempt; return False when the lease was lost meanwhile."""
         lease = execution.lease
-        if not await self.queue.complete(connection, lease, execution.output):
+        message = NewEvent(
+            "agent.message", {"role": execution.role, "key": lease.key, "content": execution.output}, lease.task_id
+        )
+        if not await self.queue.complete(connection, lease, execution.output, [message]):
             return False
 
         await add_messages(
@@ -135,18 +142,8 @@ class TaskExecutor:
         )
         await add_llm_calls(connection, lease.project_id, lease.task_id, lease.attempt, execution.calls)
         await add_artifact(connection, lease.project_id, lease.task_id, f"{lease.key}.md", execution.output)
-        await add_task_sources(connection, lease.task_id, execution.sources)
-        await append_events(
-            connection,
-            lease.project_id,
-            [
-                NewEvent(
-                    "agent.message",
-                    {"role": execution.role, "key": lease.key, "content": execution.output},
-                    lease.task_id,
-                )
-            ],
-        )
+        if execution.sources or lease.attempt > 1:
+            await add_task_sources(connection, lease.task_id, execution.sources)
 
         if lease.kind == TaskKind.PLAN and execution.plan is not None:
             await project_store.insert_plan(

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.config import WorkerSettings
 from app.db.engine import Database
-from app.db.models import projects, task_attempts, tasks
+from app.db.models import projects, task_attempts, task_dependencies, tasks
 from app.db.records import NewEvent, append_events, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
 
@@ -238,11 +239,14 @@ class TaskQueue:
         # Full jitter keeps the retries of many tasks that failed together from arriving together.
         return random.uniform(ceiling / 2, ceiling)
 
-    async def complete(self, connection: AsyncConnection, lease: Lease, output: str) -> bool:
+    async def complete(
+        self, connection: AsyncConnection, lease: Lease, output: str, extra_events: Sequence[NewEvent] = ()
+    ) -> bool:
         """Store a task's output and release the tasks that waited for it.
 
-        Returns False, and changes nothing, when the lease is no longer held: the task was
-        cancelled or its lease expired and another worker took it over.
+        ``extra_events`` are stored with the task's own, in one append. Returns False, and
+        changes nothing, when the lease is no longer held: the task was cancelled or its
+        lease expired and another worker took it over.
         """
         result = await connection.execute(
             update(tasks)
@@ -264,7 +268,7 @@ class TaskQueue:
         await append_events(
             connection,
             lease.project_id,
-            [NewEvent("task.completed", {"key": lease.key, "role": lease.role}, lease.task_id)]
+            [NewEvent("task.completed", {"key": lease.key, "role": lease.role}, lease.task_id), *extra_events]
             + [NewEvent("task.ready", {}, task_id) for task_id in released],
         )
         return True
@@ -362,26 +366,24 @@ class TaskQueue:
 
 
 async def release_dependents(connection: AsyncConnection, task_id: str) -> list[str]:
-    """Count a finished dependency off its dependents; return the ids that became ready."""
-    from app.db.models import task_dependencies
+    """Count a finished dependency off its dependents; return the ids that became ready.
 
+    One statement does both: SQL evaluates every SET expression on the row as it was, so a
+    dependent whose last pending dependency this is sees ``pending_dependencies == 1``.
+    """
     dependents = select(task_dependencies.c.task_id).where(task_dependencies.c.depends_on_id == task_id)
-    await connection.execute(
-        update(tasks)
-        .where(tasks.c.id.in_(dependents.scalar_subquery()))
-        .values(pending_dependencies=tasks.c.pending_dependencies - 1)
-    )
+    becomes_ready = and_(tasks.c.pending_dependencies == 1, tasks.c.status == TaskStatus.BLOCKED)
     rows = await connection.execute(
         update(tasks)
-        .where(
-            tasks.c.id.in_(dependents.scalar_subquery()),
-            tasks.c.pending_dependencies == 0,
-            tasks.c.status == TaskStatus.BLOCKED,
+        .where(tasks.c.id.in_(dependents.scalar_subquery()))
+        .values(
+            pending_dependencies=tasks.c.pending_dependencies - 1,
+            status=case((becomes_ready, TaskStatus.READY), else_=tasks.c.status),
+            available_at=case((becomes_ready, time.time()), else_=tasks.c.available_at),
         )
-        .values(status=TaskStatus.READY, available_at=time.time())
-        .returning(tasks.c.id)
+        .returning(tasks.c.id, tasks.c.status)
     )
-    return [task_id for (task_id,) in rows]
+    return [dependent for dependent, status in rows if status == TaskStatus.READY]
 
 
 def _held(task_id: str, token: int):
