@@ -1,7 +1,7 @@
 """Execution of one leased task: build the prompt, call the role's model, store the result.
 
 ``TaskExecutor.execute`` reads what the task needs and calls the model outside any
-transaction; ``TaskExecutor.store`` then writes the output, the conversation, the LLM
+transaction. ``TaskExecutor.store`` then writes the output, the conversation, the LLM
 calls and the task's consequences (a plan's tasks, a report's project completion) in one
 transaction that first checks the lease is still held.
 """
@@ -46,7 +46,7 @@ class ProjectClosedError(Exception):
 
 @dataclass
 class Execution:
-    """What one attempt produced; ``calls`` is filled even when the attempt fails."""
+    """The product of one attempt; ``calls`` is filled even when the attempt fails."""
 
     lease: Lease
     role: str = ""

@@ -399,7 +399,7 @@ def _describe(exc: ValidationError, origins: dict[str, str], environ: dict[str, 
 
 
 def _suggest_key(location: tuple) -> str:
-    """Name the accepted keys of the section that holds an unknown key, nearest first."""
+    """Name the accepted keys of the section that contains an unknown key, nearest first."""
     model: Any = Settings
     for part in location[:-1]:
         field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None

@@ -1,10 +1,11 @@
 """Ingestion of queued documents by workers: chunk, embed in batches, store atomically.
 
 Documents wait in the ``documents`` table with their text in ``pending_text``. A worker
-leases a batch of them, chunks each one by the embedding model's tokens, embeds the chunks
-of the whole batch together (so small documents still fill the model's batches), and then
-stores each document in its own transaction: the old chunks of the source are replaced, the
-knowledge base's version is incremented, and nothing of a document that failed is stored.
+leases a batch of them and chunks each one by the embedding model's tokens. It embeds the
+chunks of the whole batch together, so that small documents still fill the model's
+batches. Then it stores each document in its own transaction, which replaces the old
+chunks of the source and increments the knowledge base's version. Nothing of a document
+that failed is stored.
 """
 
 from __future__ import annotations

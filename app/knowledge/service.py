@@ -1,8 +1,8 @@
 """Knowledge bases as the API, the CLI and the agents use them.
 
 Queries embed the text once (query embeddings are cached) and search the vector store; the
-results of identical queries are cached per knowledge-base version, so a change to the base
-is never answered from a stale entry.
+results of identical queries are cached per knowledge-base version, so a query after a change
+to the base never gets a stale entry.
 """
 
 from __future__ import annotations

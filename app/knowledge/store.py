@@ -2,7 +2,7 @@
 
 ``EmbeddedVectorStore`` keeps each chunk's vector in the ``chunks`` table, written in the
 same transaction as the document it belongs to, so several local processes share it through
-the database and a crash never leaves half a document. Each process holds one in-memory
+the database and a crash never leaves half a document. Each process keeps one in-memory
 matrix per knowledge base and searches it exactly (a matrix-vector product over unit
 vectors, so recall is 1.0). The matrix is reloaded when the knowledge base's ``version``,
 which every change increments, differs from the one it was loaded at.

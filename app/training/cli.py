@@ -107,7 +107,7 @@ async def _ingest_queued(runtime: Runtime, name: str, total: int) -> None:
             if not waiting:
                 progress.update(total - progress.n)
                 return
-            await asyncio.sleep(0.5)  # another worker holds the rest; wait for it
+            await asyncio.sleep(0.5)  # another worker has leased the rest; wait for it
 
 
 async def query(runtime: Runtime, name: str, text: str, top_k: int, source: str | None) -> int:

@@ -1,8 +1,8 @@
 """The worker's ingestion loop: lease queued documents in batches and ingest them.
 
-It runs beside the task loop in every worker, so a large upload is spread over all workers
-and returns to the queue when a worker stops: a batch in progress at shutdown is given back
-at once, and a batch of a worker that died is requeued when its lease expires.
+It runs beside the task loop in every worker, so a large upload is spread over all workers.
+A batch in progress at shutdown is given back to the queue at once, and the batch of a
+worker that died is requeued when its lease expires.
 """
 
 from __future__ import annotations

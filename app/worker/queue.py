@@ -28,7 +28,7 @@ from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectSta
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """A claimed task, as the worker that holds it sees it."""
+    """A claimed task, as seen by the worker that leased it."""
 
     task_id: str
     project_id: str
@@ -190,7 +190,7 @@ class TaskQueue:
         return bool(result.rowcount)
 
     async def abandon(self, lease: Lease) -> bool:
-        """Cancel a leased task whose project is already finished, so that nobody claims it again."""
+        """Cancel a leased task whose project is already finished, so that no worker claims it again."""
         async with self.database.transaction() as connection:
             result = await connection.execute(
                 update(tasks)
