@@ -95,9 +95,7 @@ class SectionPacker:
     heading and a full overlap, so packing always makes progress.
     """
 
-    def __init__(
-        self, section: Section, counter: TokenCounter, max_tokens: int, overlap_tokens: int
-    ) -> None:
+    def __init__(self, section: Section, counter: TokenCounter, max_tokens: int, overlap_tokens: int) -> None:
         self._counter = counter
         self._max_tokens = max_tokens
         self._overlap_tokens = overlap_tokens

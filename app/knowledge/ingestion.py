@@ -118,11 +118,10 @@ class DocumentIngestor:
         self, worker_id: str, leased: list[LeasedDocument], progress: ProgressCallback | None = None
     ) -> int:
         """Chunk, embed and store leased documents; return how many were stored."""
-        for document in [
-            document for document in leased if document.embedding_model != self.embedder.model_name
-        ]:
-            leased.remove(document)
+        mismatched = [document for document in leased if document.embedding_model != self.embedder.model_name]
+        for document in mismatched:
             await self._fail(worker_id, document, _model_mismatch(document, self.embedder), final=True)
+        leased = [document for document in leased if document not in mismatched]
         chunked = await asyncio.to_thread(self._chunk_all, leased)
         texts = [chunk.text for _, pieces in chunked for chunk in pieces]
 

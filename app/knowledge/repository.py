@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from app.db.models import chunks, documents, knowledge_bases
 from app.db.projects import new_id
 from app.db.records import utc_now
 from app.errors import ConflictError, NotFoundError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the names POST /knowledge-bases accepts
 
 
 class DocumentStatus:
@@ -58,7 +61,13 @@ async def insert_knowledge_base(
 
 
 async def get_knowledge_base(connection: AsyncConnection, name: str) -> Row:
-    row = (await connection.execute(select(knowledge_bases).where(knowledge_bases.c.name == name))).first()
+    row = None
+    # A name that no knowledge base can have (NUL bytes, say) would make PostgreSQL fail
+    # instead of finding nothing, so it never reaches the query.
+    if NAME.fullmatch(name):
+        row = (
+            await connection.execute(select(knowledge_bases).where(knowledge_bases.c.name == name))
+        ).first()
     if row is None:
         raise NotFoundError(
             f"knowledge base {name!r} not found; create it with POST /api/v1/knowledge-bases "
@@ -156,11 +165,13 @@ async def queue_documents(
 
 
 async def delete_document(connection: AsyncConnection, knowledge_base_id: str, source: str) -> None:
-    document_id = await connection.scalar(
-        select(documents.c.id).where(
-            documents.c.knowledge_base_id == knowledge_base_id, documents.c.source == source
+    document_id = None
+    if "\x00" not in source:  # no stored source has one, and PostgreSQL rejects it in a query
+        document_id = await connection.scalar(
+            select(documents.c.id).where(
+                documents.c.knowledge_base_id == knowledge_base_id, documents.c.source == source
+            )
         )
-    )
     if document_id is None:
         raise NotFoundError(f"no document with source {source!r} in this knowledge base")
     await connection.execute(delete(chunks).where(chunks.c.document_id == document_id))

@@ -7,6 +7,7 @@ to the base never gets a stale entry.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -118,8 +119,8 @@ class KnowledgeService:
             raise DocumentError(f"text: the query has {len(text)} characters; the limit is {MAX_QUERY_CHARS}")
         if not 1 <= top_k <= self.settings.max_top_k:
             raise DocumentError(
-                f"top_k: {top_k} is outside 1 to {self.settings.max_top_k}; ask for fewer results "
-                "or raise knowledge.max_top_k"
+                f"top_k: {top_k} is outside 1 to {self.settings.max_top_k}; ask for a number of results "
+                "in that range, or raise knowledge.max_top_k"
             )
 
         async with self.database.read() as connection:
@@ -186,6 +187,20 @@ def check_documents(new_documents: Sequence[NewDocument], settings: KnowledgeSet
             raise DocumentError(
                 f"source {source!r}: the document contains unpaired surrogates; send UTF-8 text"
             )
+        _check_metadata(source, document.metadata)
+
+
+def _check_metadata(source: str, metadata: dict) -> None:
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise DocumentError(
+            f"source {source!r}: metadata cannot be stored as JSON text ({exc}); send strings, numbers, "
+            "lists and objects in UTF-8"
+        ) from exc
+    if "\x00" in text:
+        raise DocumentError(f"source {source!r}: metadata contains NUL characters; remove them")
 
 
 def _is_unicode(text: str) -> bool:

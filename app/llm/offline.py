@@ -250,7 +250,7 @@ def _report(brief: str, completed: str) -> str:
 
 
 _PASSAGE = re.compile(
-    r"^\[(\d+)\] (\S+)(?: \(([^\n]*)\))?\n\n(.*?)(?=\n\n\[\d+\] |\Z)", re.MULTILINE | re.DOTALL
+    r"^\[(\d+)\] ([^\n]+?)(?: \(([^\n]*)\))?\n\n(.*?)(?=\n\n\[\d+\] |\Z)", re.MULTILINE | re.DOTALL
 )
 _QUOTE_CHARS = 240  # of each passage quoted in an offline output
 

@@ -51,6 +51,9 @@ def read_documents(files: list[tuple[str, Path]], max_bytes: int) -> tuple[list[
     accepted: list[NewDocument] = []
     rejected: list[str] = []
     for source, path in files:
+        if not _is_utf8(source) or not _is_utf8(str(path)):
+            rejected.append(f"{path!r}: the file name is not valid UTF-8; rename the file")
+            continue
         try:
             text = decode_document(source, path.read_bytes(), max_bytes)
         except (DocumentError, OSError) as exc:
@@ -58,6 +61,14 @@ def read_documents(files: list[tuple[str, Path]], max_bytes: int) -> tuple[list[
             continue
         accepted.append(NewDocument(source=source, text=text, metadata={"path": str(path)}))
     return accepted, rejected
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def ingest(runtime: Runtime, name: str, paths: list[Path], create: bool) -> int:

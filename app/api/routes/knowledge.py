@@ -6,10 +6,10 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.deps import RuntimeDep
-from app.api.schemas import NAME_PATTERN, as_utc
+from app.api.schemas import NAME_PATTERN, as_utc, storable_text
 from app.errors import DocumentError
 from app.knowledge import repository
 from app.knowledge.repository import DocumentStatus, NewDocument
@@ -25,6 +25,11 @@ class KnowledgeBaseCreate(BaseModel):
     )
     description: str = Field("", max_length=2000)
 
+    @field_validator("description")
+    @classmethod
+    def description_is_storable(cls, value: str) -> str:
+        return storable_text(value)
+
 
 class KnowledgeBasePublic(BaseModel):
     name: str
@@ -32,10 +37,12 @@ class KnowledgeBasePublic(BaseModel):
     embedding_model: str
     dimension: int
     version: int = Field(description="Grows with every change of the base's chunks")
-    documents: int = Field(description="Documents ingested and searchable")
+    documents: int = Field(description="Documents whose latest version is ingested and searchable")
     chunks: int
     pending_documents: int = Field(description="Documents waiting for, or in, ingestion")
-    failed_documents: int
+    failed_documents: int = Field(
+        description="Documents whose latest version failed to ingest; an earlier version stays searchable"
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -152,6 +159,10 @@ async def list_documents(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="Return sources that sort after this one")] = None,
 ) -> list[DocumentPublic]:
+    if after is not None and "\x00" in after:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, "after: contains a NUL character; remove it"
+        )
     async with runtime.database.read() as connection:
         row = await repository.get_knowledge_base(connection, name)
         rows = await repository.list_documents(connection, row.id, status_filter, limit, after)
