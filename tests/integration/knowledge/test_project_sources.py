@@ -1,0 +1,104 @@
+"""A project with a knowledge base, run by the offline provider through the API.
+
+Every work task and the final report get the passages most relevant to them. The task detail
+lists those passages under ``sources``, and the offline provider ends each output with a
+"### Sources" section that quotes them as [n].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from app.db.models import chunks
+from tests.integration.knowledge.helpers import DEPLOY_RUNBOOK, LEAVE_POLICY, create_and_ingest, open_api
+
+BRIEF = """\
+# Leave tracker
+
+Build a small web page where employees see how many days of annual leave they have left,
+and report a sick day to their manager. Deploy it like the billing service.
+"""
+TASK_TOP_K = 4
+PROJECT_TIMEOUT_SECONDS = 60.0
+
+
+@pytest.fixture
+async def api(database_url, tmp_path):
+    async with open_api(database_url, tmp_path, TORONTO_AI_KNOWLEDGE__TASK_TOP_K=str(TASK_TOP_K)) as api:
+        yield api
+
+
+async def run_project(client: httpx.AsyncClient, knowledge_base: str) -> dict:
+    """Submit the brief with the knowledge base and return the project once it completed."""
+    response = await client.post("/api/v1/projects", json={"brief": BRIEF, "knowledge_base": knowledge_base})
+    assert response.status_code == 202, response.text
+    project_id = response.json()["id"]
+
+    deadline = time.monotonic() + PROJECT_TIMEOUT_SECONDS
+    while True:
+        project = (await client.get(f"/api/v1/projects/{project_id}")).json()
+        if project["status"] == "completed":
+            return project
+        assert project["status"] not in ("failed", "cancelled"), project
+        assert time.monotonic() < deadline, (
+            f"project still {project['status']} after {PROJECT_TIMEOUT_SECONDS} s"
+        )
+        await asyncio.sleep(0.05)
+
+
+def sources_section(output: str) -> list[str]:
+    """Return the entries of the "### Sources" section that ends an offline output."""
+    _, heading, section = output.rpartition("\n### Sources\n")
+    assert heading, f"no Sources section in:\n{output}"
+    return [line for line in section.splitlines() if line.startswith("- [")]
+
+
+async def test_tasks_record_and_cite_sources(api):
+    await create_and_ingest(api.client, "handbook", {"leave.md": LEAVE_POLICY, "deploy.md": DEPLOY_RUNBOOK})
+    async with api.runtime.database.read() as connection:
+        chunk_ids = set((await connection.execute(select(chunks.c.id))).scalars())
+
+    project = await run_project(api.client, "handbook")
+
+    assert project["knowledge_base"] == "handbook"
+    retrieving = [task for task in project["tasks"] if task["kind"] in ("work", "report")]
+    assert [task["kind"] for task in retrieving].count("report") == 1
+    for task in retrieving:
+        response = await api.client.get(f"/api/v1/projects/{project['id']}/tasks/{task['id']}")
+        detail = response.json()
+        key = detail["key"]
+        sources = detail["sources"]
+
+        assert [source["rank"] for source in sources] == list(range(1, TASK_TOP_K + 1)), key
+        scores = [source["score"] for source in sources]
+        assert scores == sorted(scores, reverse=True), key
+        assert {source["source"] for source in sources} <= {"leave.md", "deploy.md"}, key
+        assert {source["chunk_id"] for source in sources} <= chunk_ids, key
+        prompt = detail["input"][-1]["content"]
+        assert "# Knowledge" in prompt, key
+        assert f"[1] {sources[0]['source']} ({sources[0]['heading']})" in prompt, key
+        cited = sources_section(detail["output"])
+        assert len(cited) == len(sources), key
+        for entry, source in zip(cited, sources, strict=True):
+            assert entry.startswith(f'- [{source["rank"]}] {source["source"]}, {source["heading"]}: "'), key
+
+    report_task = next(task for task in retrieving if task["kind"] == "report")
+    report_detail = (
+        await api.client.get(f"/api/v1/projects/{project['id']}/tasks/{report_task['id']}")
+    ).json()
+    assert project["report"] == report_detail["output"]
+    assert sources_section(project["report"])[0].startswith(f"- [1] {report_detail['sources'][0]['source']}")
+
+
+async def test_source_with_space_is_cited(api):
+    await create_and_ingest(api.client, "handbook", {"team handbook.md": LEAVE_POLICY})
+
+    project = await run_project(api.client, "handbook")
+
+    cited = sources_section(project["report"])
+    assert cited[0].startswith("- [1] team handbook.md, Leave policy > ")
