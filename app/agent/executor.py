@@ -128,7 +128,9 @@ class TaskExecutor:
         """Store a successful attempt; return False when the lease was lost meanwhile."""
         lease = execution.lease
         message = NewEvent(
-            "agent.message", {"role": execution.role, "key": lease.key, "content": execution.output}, lease.task_id
+            "agent.message",
+            {"role": execution.role, "key": lease.key, "content": execution.output},
+            lease.task_id,
         )
         if not await self.queue.complete(connection, lease, execution.output, [message]):
             return False

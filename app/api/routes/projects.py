@@ -213,7 +213,9 @@ async def read_task(project_id: str, task_id: str, runtime: RuntimeDep) -> TaskD
             for row in calls
         ],
         sources=[
-            SourcePublic(rank=row.rank, source=row.source, heading=row.heading, score=row.score, chunk_id=row.chunk_id)
+            SourcePublic(
+                rank=row.rank, source=row.source, heading=row.heading, score=row.score, chunk_id=row.chunk_id
+            )
             for row in sources
         ],
         created_at=as_utc(task.created_at),
