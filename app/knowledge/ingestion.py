@@ -22,7 +22,7 @@ from sqlalchemy import and_, select, update
 
 from app.core.config import KnowledgeSettings
 from app.db.engine import Database
-from app.db.models import documents, knowledge_bases
+from app.db.models import chunks, documents, knowledge_bases
 from app.db.records import utc_now
 from app.knowledge.chunking import Chunk, chunk_document
 from app.knowledge.documents import detect_format
@@ -200,18 +200,45 @@ class DocumentIngestor:
         texts: list[str],
         progress: ProgressCallback | None,
     ) -> np.ndarray:
+        # Chunks are deduplicated by content hash: a text met earlier in this batch, or
+        # already stored with this model (a licence footer, a re-added document), is not
+        # embedded again.
+        hashes = [text_hash(text) for text in texts]
+        known = await self._stored_vectors({document.knowledge_base_id for document in leased}, set(hashes))
+        missing = [
+            text for text, digest in dict(zip(texts, hashes, strict=True)).items() if digest not in known
+        ]
+
         # Embed in slices and renew the leases between them: a large batch takes longer
         # than one lease on a CPU.
         slice_size = self.settings.batch_size * 8
-        parts = []
-        for start in range(0, len(texts), slice_size):
-            parts.append(await self.embedder.embed(texts[start : start + slice_size]))
+        for start in range(0, len(missing), slice_size):
+            part = missing[start : start + slice_size]
+            vectors = await self.embedder.embed(part)
+            known.update({text_hash(text): vector for text, vector in zip(part, vectors, strict=True)})
             await self._renew(worker_id, leased)
             if progress is not None:
-                progress(len(parts[-1]))
-        if not parts:
+                progress(len(part))
+
+        if not texts:
             return np.zeros((0, self.embedder.dimension), dtype=np.float32)
-        return np.vstack(parts)
+        return np.vstack([known[digest] for digest in hashes])
+
+    async def _stored_vectors(self, knowledge_base_ids: set[str], hashes: set[str]) -> dict[str, np.ndarray]:
+        """Return the vectors already stored in these knowledge bases for these chunk hashes."""
+        found: dict[str, np.ndarray] = {}
+        ordered = sorted(hashes)
+        async with self.database.read() as connection:
+            for start in range(0, len(ordered), 500):  # bounded IN lists
+                rows = await connection.execute(
+                    select(chunks.c.content_hash, chunks.c.embedding).where(
+                        chunks.c.knowledge_base_id.in_(knowledge_base_ids),
+                        chunks.c.content_hash.in_(ordered[start : start + 500]),
+                    )
+                )
+                for digest, embedding in rows:
+                    found[digest] = np.frombuffer(embedding, dtype=np.float32)
+        return found
 
     async def _renew(self, worker_id: str, leased: list[LeasedDocument]) -> None:
         async with self.database.transaction() as connection:

@@ -229,6 +229,22 @@ async def test_unchanged_text_is_not_embedded_again(api):
     assert leave_after["ingested_at"] == leave_before["ingested_at"]
 
 
+async def test_identical_chunks_are_embedded_once(api):
+    await create_and_ingest(api.client, "handbook", {"leave.md": LEAVE_POLICY})
+    recording = RecordingEmbedder(api.runtime.ingestor.embedder)
+    api.runtime.ingestor.embedder = recording
+
+    # The same text under two new sources: its chunks are stored already (under leave.md),
+    # so nothing reaches the model, yet both sources get their own chunks.
+    await add_documents(api.client, "handbook", {"copy-1.md": LEAVE_POLICY, "copy-2.md": LEAVE_POLICY})
+    state = await wait_for_ingestion(api.client, "handbook")
+    results = await query_results(api.client, "handbook", "How many vacation days do I get?", top_k=5)
+
+    assert recording.texts == []
+    assert state["documents"] == 3
+    assert results[0]["text"].count("25 days") == 1
+
+
 async def test_delete_document_removes_chunks(api):
     state = await create_and_ingest(
         api.client, "handbook", {"leave.md": LEAVE_POLICY, "deploy.md": DEPLOY_RUNBOOK}
