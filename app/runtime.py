@@ -63,7 +63,7 @@ class Runtime:
         cache = ResponseCache(settings.caching)
         queue = TaskQueue(database, settings.worker)
         embedder = build_embedder(settings.knowledge)
-        store = EmbeddedVectorStore(database, embedder.dimension)
+        store = EmbeddedVectorStore(database, embedder.dimension, settings.knowledge)
         knowledge = KnowledgeService(database, embedder, store, settings.knowledge)
         ingestor = DocumentIngestor(
             database, embedder, store, settings.knowledge, settings.worker.lease_seconds

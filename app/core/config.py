@@ -201,6 +201,14 @@ class KnowledgeSettings(Section):
     task_top_k: int = Field(4, ge=0, le=50, description="Passages put in each task's prompt; 0 disables")
     max_top_k: int = Field(100, ge=1, le=10_000)
     query_cache_entries: int = Field(1024, ge=0)
+    ann_min_chunks: int = Field(
+        5000, ge=1, description="Knowledge bases with this many chunks are searched through an HNSW index"
+    )
+    hnsw_m: int = Field(32, ge=4, le=128, description="Links per node of the HNSW graph")
+    hnsw_ef_construction: int = Field(40, ge=8, le=1000)
+    hnsw_ef_search: int = Field(
+        64, ge=8, le=4096, description="Candidates per query; higher is slower and more exact"
+    )
 
     @model_validator(mode="after")
     def overlap_within_chunk(self) -> KnowledgeSettings:
