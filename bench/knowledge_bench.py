@@ -206,7 +206,7 @@ async def ingest(runtime: Runtime, documents: list[NewDocument], expected_chunks
         processed += len(leased)
         if processed / len(documents) >= next_report:
             logger.info(
-                "ingested %d of %d documents, %d chunks embedded, %.0f s",
+                "ingested %d of %d documents, %d texts embedded, %.0f s",
                 processed,
                 len(documents),
                 timed_embedder.texts,
@@ -229,7 +229,11 @@ async def ingest(runtime: Runtime, documents: list[NewDocument], expected_chunks
         "queue_seconds": queue_seconds,
         "ingest_seconds": ingest_seconds,
         "embed_seconds": timed_embedder.seconds,
-        "embedded_chunks_per_second": timed_embedder.texts / timed_embedder.seconds,
+        # Ingestion embeds each distinct text once, so this may be fewer than the chunks.
+        "embedded_texts": timed_embedder.texts,
+        "embedded_texts_per_second": timed_embedder.texts / timed_embedder.seconds
+        if timed_embedder.seconds
+        else 0.0,
         "chunks_per_second_overall": counts["chunks"] / ingest_seconds,
         "documents_per_claim": batch,
         "embedder_batch_size": runtime.settings.knowledge.batch_size,

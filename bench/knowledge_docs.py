@@ -222,12 +222,18 @@ def _ingestion_lines(ingestion: dict[str, Any]) -> list[str]:
     else:
         scope = f"{ingestion['documents']} documents drawn at random"
     other_seconds = ingestion["ingest_seconds"] - ingestion["embed_seconds"]
+    if "embedded_texts" in ingestion:
+        embedded = (
+            f"{_number(ingestion['embedded_texts'])} distinct texts, "
+            f"{_number(ingestion['embedded_texts_per_second'], 1)} per second"
+        )
+    else:
+        embedded = f"{_number(ingestion['embedded_chunks_per_second'], 1)} chunks per second"
     return [
         f"Measured ingestion of {scope} ({_number(ingestion['chunks'])} chunks) through "
         "`KnowledgeService.add_documents` and `DocumentIngestor.claim` and `process`, as the `ingest` "
         f"command runs it, into a new SQLite file: {_duration(ingestion['ingest_seconds'])} in all. The "
-        f"embedder took {_duration(ingestion['embed_seconds'])} of it "
-        f"({_number(ingestion['embedded_chunks_per_second'], 1)} chunks per second), and chunking and "
+        f"embedder took {_duration(ingestion['embed_seconds'])} of it ({embedded}), and chunking and "
         f"database writes the other {_duration(other_seconds)}. Queueing the documents before took "
         f"{_duration(ingestion['queue_seconds'])}. The ingestor claims {ingestion['documents_per_claim']} "
         f"documents at a time and embeds their chunks in slices of {ingestion['embedder_batch_size'] * 8} "
@@ -255,6 +261,7 @@ def _search_lines(results: dict[str, Any]) -> list[str]:
                 _setup_time(entry),
             ]
         )
+
     sweep_rows = [
         [
             str(entry["ef_search"]),
@@ -265,10 +272,22 @@ def _search_lines(results: dict[str, Any]) -> list[str]:
         for entry in search["systems"]
         if entry["kind"] == "hnsw_sweep"
     ]
+
     chroma = _system(results, CHROMA_LABEL)
     hnsw = chroma["hnsw_configuration"]
     sweep = [entry for entry in search["systems"] if entry["kind"] == "hnsw_sweep"]
     ef_construction = sweep[0]["ef_construction"] if sweep else "unknown"
+    reference_setup = (
+        f"FAISS runs with {search['faiss_threads']} OpenMP threads. Its HNSW index has M = 32 and "
+        f"efConstruction {ef_construction}, with efSearch the smallest value of the sweep below that "
+        f"reaches recall {search['summary']['recall_target']:g}. Chroma runs its embedded "
+        "`PersistentClient` in a new temporary folder with cosine space and its defaults (M = "
+        f"{hnsw.get('max_neighbors')}, ef_construction {hnsw.get('ef_construction')}, ef_search "
+        f"{hnsw.get('ef_search')}). Vectors are added in batches of {_number(chroma['add_batch_size'])}, "
+        "its maximum, with the chunk texts and metadata, and queries use its default `include` "
+        "(documents, metadatas, distances)."
+    )
+
     return [
         "### Vector search",
         "",
@@ -286,15 +305,7 @@ def _search_lines(results: dict[str, Any]) -> list[str]:
         "exact float64 search. A chunk whose text equals that of an expected chunk counts as a hit, "
         "because the store returns one chunk per distinct text by design.",
         "",
-        "The store is searched through `EmbeddedVectorStore.search` of the running `KnowledgeService`, "
-        f"which loads its matrix from the database on the first call. FAISS runs with "
-        f"{search['faiss_threads']} OpenMP threads. Its HNSW index has M = 32 and efConstruction "
-        f"{ef_construction}, with efSearch the smallest value of the sweep below that reaches recall "
-        f"{search['summary']['recall_target']:g}. Chroma runs its embedded `PersistentClient` in a new "
-        f"temporary folder with cosine space and its defaults (M = {hnsw.get('max_neighbors')}, "
-        f"ef_construction {hnsw.get('ef_construction')}, ef_search {hnsw.get('ef_search')}). Vectors "
-        f"are added in batches of {_number(chroma['add_batch_size'])}, its maximum, with the chunk texts "
-        "and metadata, and queries use its default `include` (documents, metadatas, distances).",
+        _store_path_sentence(_system(results, STORE_LABEL), search["vectors"]) + reference_setup,
         "",
         _table(["System", "Recall@10", "QPS", "p50 ms", "p95 ms", "p99 ms", "Set-up"], rows),
         "",
@@ -307,9 +318,29 @@ def _search_lines(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _store_path_sentence(store: dict[str, Any], vectors: int) -> str:
+    sentence = (
+        "The store is searched through `EmbeddedVectorStore.search` of the running `KnowledgeService`, "
+        "which loads the base from the database on its first call. "
+    )
+    if store.get("search_path") == "hnsw":
+        return sentence + (
+            f"With {_number(vectors)} chunks, at least `knowledge.ann_min_chunks` "
+            f"({_number(store['ann_min_chunks'])}), it builds a FAISS HNSW graph at that load (M = "
+            f"{store['hnsw_m']}, efConstruction {store['hnsw_ef_construction']}) and answers these "
+            f"unfiltered queries from it with efSearch {store['hnsw_ef_search']}. "
+        )
+    if store.get("search_path") == "exact":
+        return sentence + (
+            f"With {_number(vectors)} chunks, fewer than `knowledge.ann_min_chunks` "
+            f"({_number(store['ann_min_chunks'])}), it searches exactly. "
+        )
+    return sentence
+
+
 def _setup_time(entry: dict[str, Any]) -> str:
     if "first_call_seconds_with_load" in entry:
-        return f"first call, with the matrix load: {_duration(entry['first_call_seconds_with_load'])}"
+        return f"first call, with the load: {_duration(entry['first_call_seconds_with_load'])}"
     if "add_seconds" in entry:
         first_query_ms = entry["first_query_seconds"] * 1000
         return f"add: {_duration(entry['add_seconds'])}, first query: {first_query_ms:.0f} ms"
@@ -393,45 +424,80 @@ def _function_rows(functions: list[dict[str, Any]]) -> list[list[str]]:
 
 def _profile_lines(results: dict[str, Any]) -> list[str]:
     profile = results["store_profile"]
-    stages = profile["stage_timing"]
     store = _system(results, STORE_LABEL)
-    stage_rows = [[name, f"{value:.1f}"] for name, value in stages["microseconds_per_query"].items()]
-    stage_rows.append(["whole `search` call, from the table above", f"{store['latency_ms_mean'] * 1000:.1f}"])
-    matrix_shape = " × ".join(_number(value) for value in stages["matrix_shape"])
-    one_thread = profile["search_with_one_blas_thread"]
-    default_pools = ", ".join(
-        f"{pool['library']} {pool['threads']}" for pool in one_thread.get("default_blas_pools", [])
-    )
     search_profile = profile["search_profile"]
     load_profile = profile["first_load_profile"]
-    return [
-        "### Where the store's search time goes",
+    lines = ["### Where the store's search time goes", ""]
+    lines += _graph_stage_lines(profile.get("graph_stage_timing"), store)
+    lines += _exact_stage_lines(profile["stage_timing"], store, profile.get("search_path") == "hnsw")
+    lines += _one_blas_thread_lines(profile.get("search_with_one_blas_thread"))
+    lines += [
+        f"cProfile of {search_profile['queries']} `search` calls "
+        f"({search_profile['seconds_under_profiler']:.2f} s under the profiler), by own time. A numpy "
+        "matrix product is counted in the own time of its caller, because the `@` operator is not a "
+        "Python call.",
         "",
-        f"Each step of `EmbeddedVectorStore.search` timed alone, as a mean over the same {stages['queries']} "
-        f"queries, on the store's loaded matrix ({matrix_shape} float32, {stages['matrix_megabytes']:.0f} "
-        "MB). The matrix-vector product reads the whole matrix for every query. Its median takes "
-        f"{stages['product_microseconds_p50']:.1f} µs, a read rate of "
+        _table(["Function", "Calls", "Own s", "Cumulative s"], _function_rows(search_profile["functions"])),
+        "",
+        "cProfile of the first call of a new store, which loads the base from the database and builds "
+        f"the graph of a large base ({load_profile['seconds_under_profiler']:.2f} s under the profiler):",
+        "",
+        _table(["Function", "Calls", "Own s", "Cumulative s"], _function_rows(load_profile["functions"])),
+    ]
+    return lines
+
+
+def _graph_stage_lines(graph_stages: dict[str, Any] | None, store: dict[str, Any]) -> list[str]:
+    if graph_stages is None:
+        return []
+    rows = [[name, f"{value:.1f}"] for name, value in graph_stages["microseconds_per_query"].items()]
+    rows.append(["whole `search` call, from the table above", f"{store['latency_ms_mean'] * 1000:.1f}"])
+    return [
+        f"Each step of the store's HNSW search (efSearch {graph_stages['ef_search']}) timed alone, as a "
+        f"mean over the same {graph_stages['queries']} queries. The graph search alone takes "
+        f"{graph_stages['graph_search_microseconds_p50']:.1f} µs at the median.",
+        "",
+        _table(["Step", "Mean µs per query"], rows),
+        "",
+    ]
+
+
+def _exact_stage_lines(stages: dict[str, Any], store: dict[str, Any], uses_graph: bool) -> list[str]:
+    rows = [[name, f"{value:.1f}"] for name, value in stages["microseconds_per_query"].items()]
+    if uses_graph:
+        introduction = (
+            "The store's exact path, which it takes for source-filtered queries and for bases under "
+            "`knowledge.ann_min_chunks` chunks, timed step by step on the same matrix and queries"
+        )
+    else:
+        introduction = "Each step of `EmbeddedVectorStore.search` timed alone"
+        rows.append(["whole `search` call, from the table above", f"{store['latency_ms_mean'] * 1000:.1f}"])
+    matrix_shape = " × ".join(_number(value) for value in stages["matrix_shape"])
+    return [
+        f"{introduction}, as a mean over {stages['queries']} queries, on the loaded matrix ({matrix_shape} "
+        f"float32, {stages['matrix_megabytes']:.0f} MB). The matrix-vector product reads the whole matrix "
+        f"for every query. Its median takes {stages['product_microseconds_p50']:.1f} µs, a read rate of "
         f"{stages['product_gigabytes_per_second_at_p50']:.1f} GB/s, and its p95 takes "
         f"{stages['product_microseconds_p95']:.1f} µs.",
         "",
-        _table(["Step", "Mean µs per query"], stage_rows),
+        _table(["Step", "Mean µs per query"], rows),
         "",
+    ]
+
+
+def _one_blas_thread_lines(one_thread: dict[str, Any] | None) -> list[str]:
+    if one_thread is None:
+        return []
+    default_pools = ", ".join(
+        f"{pool['library']} {pool['threads']}" for pool in one_thread.get("default_blas_pools", [])
+    )
+    return [
         "The same `search` calls with every loaded BLAS library limited to one thread by threadpoolctl "
         f"(threads by default: {default_pools or 'not recorded'}): {_number(one_thread['qps'])} QPS "
         f"({_number(one_thread['qps_min'])}–{_number(one_thread['qps_max'])}), p50 "
         f"{one_thread['latency_ms_p50']:.3f} ms, p95 {one_thread['latency_ms_p95']:.3f} ms, p99 "
         f"{one_thread['latency_ms_p99']:.3f} ms.",
         "",
-        f"cProfile of {search_profile['queries']} `search` calls "
-        f"({search_profile['seconds_under_profiler']:.2f} s under the profiler), by own time. The matrix "
-        "product is counted in the own time of `search`, because the `@` operator is not a Python call.",
-        "",
-        _table(["Function", "Calls", "Own s", "Cumulative s"], _function_rows(search_profile["functions"])),
-        "",
-        "cProfile of the first call of a new store, which loads the matrix from the database "
-        f"({load_profile['seconds_under_profiler']:.2f} s under the profiler):",
-        "",
-        _table(["Function", "Calls", "Own s", "Cumulative s"], _function_rows(load_profile["functions"])),
     ]
 
 

@@ -1,9 +1,10 @@
-"""Where EmbeddedVectorStore spends the time of one search and of its first load.
+"""Profiles of EmbeddedVectorStore's search and of its first load, as time per step and per function.
 
-The same queries are looked at in three ways. cProfile over the real ``search`` calls names the
-Python functions, but inflates them with its own overhead. A stage timing without any profiler
-repeats the steps of ``search`` one at a time on the store's loaded matrix. Finally the real
-``search`` calls run again with numpy's BLAS limited to one thread.
+The same queries are looked at in several ways. cProfile over the real ``search`` calls names
+the Python functions, but inflates them with its own overhead. A stage timing without any
+profiler repeats the steps of the store's exact search one at a time on its loaded matrix, and
+those of its HNSW search when the base is large enough to have a graph. For the exact path, the
+real ``search`` calls also run again with numpy's BLAS limited to one thread.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ async def profile_store(
     profiler.disable()
     profiled_seconds = time.perf_counter() - started
 
-    fresh_store = EmbeddedVectorStore(database, store.dimension)
+    fresh_store = EmbeddedVectorStore(database, store.dimension, store.settings)
     load_profiler = cProfile.Profile()
     started = time.perf_counter()
     load_profiler.enable()
@@ -53,28 +54,23 @@ async def profile_store(
     load_profiler.disable()
     load_seconds = time.perf_counter() - started
 
-    async def search(query: np.ndarray) -> list[int]:
-        await store.search(knowledge_base_id, version, query, top_k)
-        return []
-
-    # numpy's BLAS splits one matrix-vector product over its threads and waits for all of them.
-    # When another process holds a core, the call waits for it, and one BLAS thread avoids that.
-    blas_pools = [
-        {"library": Path(pool["filepath"]).name, "threads": pool["num_threads"]}
-        for pool in threadpool_info()
-        if pool["user_api"] == "blas"
-    ]
-    with threadpool_limits(limits=1, user_api="blas"):
-        _, one_blas_thread = await run_sequential_async(search, queries)
+    index = _loaded_index(store, knowledge_base_id, version)
+    one_blas_thread = None
+    if index.graph is None:
+        one_blas_thread = await _search_with_one_blas_thread(
+            store, knowledge_base_id, version, queries, top_k
+        )
 
     return {
-        "search_with_one_blas_thread": {"default_blas_pools": blas_pools, **one_blas_thread},
+        "search_path": "hnsw" if index.graph is not None else "exact",
+        "search_with_one_blas_thread": one_blas_thread,
         "search_profile": {
             "queries": len(queries),
             "seconds_under_profiler": profiled_seconds,
             "functions": _top_functions(profiler),
         },
-        "stage_timing": _time_stages(store, knowledge_base_id, version, queries, top_k),
+        "stage_timing": _time_exact_stages(index, queries, top_k),
+        "graph_stage_timing": _time_graph_stages(index, queries, top_k) if index.graph is not None else None,
         "first_load_profile": {
             "seconds_under_profiler": load_seconds,
             "functions": _top_functions(load_profiler),
@@ -111,18 +107,46 @@ def _function_label(file: str, line: int, name: str) -> str:
     return f"{display_path}:{line} {name}"
 
 
-def _time_stages(
-    store: EmbeddedVectorStore, knowledge_base_id: str, version: int, queries: np.ndarray, top_k: int
-) -> dict[str, Any]:
-    """Time each step of ``search`` alone, over all queries, and return the mean microseconds per query.
-
-    NOTE: the steps below copy those of ``EmbeddedVectorStore.search`` as of this commit; when
-    ``search`` changes, this breakdown no longer describes it.
-    """
+def _loaded_index(store: EmbeddedVectorStore, knowledge_base_id: str, version: int) -> Any:
     # The loaded index is private state of the store; reading it here does not change it.
     index = store._indexes[knowledge_base_id]
     if index.version != version:
         raise RuntimeError(f"the store's loaded index is at version {index.version}, expected {version}")
+    return index
+
+
+async def _search_with_one_blas_thread(
+    store: EmbeddedVectorStore, knowledge_base_id: str, version: int, queries: np.ndarray, top_k: int
+) -> dict[str, Any]:
+    """Time the real ``search`` calls again with every loaded BLAS library limited to one thread.
+
+    numpy's BLAS splits one matrix-vector product over its threads and waits for all of them.
+    When another process occupies a core, the call waits for it, and one BLAS thread avoids that.
+    """
+
+    async def search(query: np.ndarray) -> list[int]:
+        await store.search(knowledge_base_id, version, query, top_k)
+        return []
+
+    blas_pools = [
+        {"library": Path(pool["filepath"]).name, "threads": pool["num_threads"]}
+        for pool in threadpool_info()
+        if pool["user_api"] == "blas"
+    ]
+    with threadpool_limits(limits=1, user_api="blas"):
+        _, timings = await run_sequential_async(search, queries)
+    return {"default_blas_pools": blas_pools, **timings}
+
+
+def _time_exact_stages(index: Any, queries: np.ndarray, top_k: int) -> dict[str, Any]:
+    """Time each step of the store's exact search alone, over all queries, in mean microseconds per query.
+
+    The store searches exactly when the base has fewer than ``knowledge.ann_min_chunks`` chunks,
+    and for queries filtered by source.
+
+    NOTE: the steps below copy those of the exact path of ``EmbeddedVectorStore.search`` as of
+    this commit; when ``search`` changes, this breakdown no longer describes it.
+    """
     matrix = index.matrix
     candidate_count = min(len(matrix), top_k * 2)
 
@@ -172,4 +196,40 @@ def _time_stages(
         "product_gigabytes_per_second_at_p50": matrix.nbytes
         / float(np.percentile(product_latencies, 50))
         / 1e9,
+    }
+
+
+def _time_graph_stages(index: Any, queries: np.ndarray, top_k: int) -> dict[str, Any]:
+    """Time the steps of the store's HNSW search alone, in mean microseconds per query.
+
+    NOTE: the steps below copy those of the HNSW path of ``EmbeddedVectorStore.search`` as of
+    this commit; when ``search`` changes, this breakdown no longer describes it.
+    """
+    graph = index.graph
+    candidate_count = min(len(index.ids), top_k * 2)
+
+    ranked_of_queries, graph_latencies = [], []
+    for query in queries:
+        started = time.perf_counter()
+        scores, rows = graph.search(np.asarray(query, dtype=np.float32).reshape(1, -1), candidate_count)
+        ranked_of_queries.append(
+            [(int(row), float(score)) for row, score in zip(rows[0], scores[0], strict=True) if row >= 0]
+        )
+        graph_latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    for ranked in ranked_of_queries:
+        _collapse_duplicates(index, ranked, top_k)
+    collapse_seconds = time.perf_counter() - started
+
+    count = len(queries)
+    return {
+        "queries": count,
+        "ef_search": int(graph.hnsw.efSearch),
+        "ef_construction": int(graph.hnsw.efConstruction),
+        "microseconds_per_query": {
+            "graph search and (row, score) pairs": sum(graph_latencies) / count * 1e6,
+            "_collapse_duplicates (result objects)": collapse_seconds / count * 1e6,
+        },
+        "graph_search_microseconds_p50": float(np.percentile(graph_latencies, 50) * 1e6),
     }

@@ -202,7 +202,11 @@ async def measure_store(
     queries: np.ndarray,
     truth: np.ndarray,
 ) -> dict[str, Any]:
-    """Measure ``EmbeddedVectorStore.search``. Its first call, which loads the matrix, is timed separately."""
+    """Measure ``EmbeddedVectorStore.search``.
+
+    Its first call, which loads the matrix and builds the HNSW graph of a large base, is timed
+    separately.
+    """
     row_of_id = {chunk_id: row for row, chunk_id in enumerate(vectors.ids)}
 
     async def search(query: np.ndarray) -> list[int]:
@@ -213,10 +217,18 @@ async def measure_store(
     await search(queries[0])
     first_call_seconds = time.perf_counter() - started
 
+    # The loaded index is private state of the store; reading it here does not change it.
+    uses_graph = store._indexes[knowledge_base_id].graph is not None
+    settings = store.settings
     results, timings = await run_sequential_async(search, queries)
     return {
         "label": "EmbeddedVectorStore.search",
         "kind": "project",
+        "search_path": "hnsw" if uses_graph else "exact",
+        "ann_min_chunks": settings.ann_min_chunks,
+        "hnsw_m": settings.hnsw_m,
+        "hnsw_ef_construction": settings.hnsw_ef_construction,
+        "hnsw_ef_search": settings.hnsw_ef_search,
         "first_call_seconds_with_load": first_call_seconds,
         **timings,
         **recall_at_k(results, truth, vectors.hashes),
@@ -308,7 +320,7 @@ def measure_chroma(vectors: StoredVectors, queries: np.ndarray, truth: np.ndarra
 
     Chroma stores the chunk texts as documents and the source, heading and position as metadata,
     and every query uses Chroma's default ``include`` (documents, metadatas, distances), so each
-    answer carries what a result of the project's store carries.
+    query result contains what a result of the project's store contains.
     """
     import chromadb
     from chromadb.config import Settings as ChromaSettings
