@@ -18,7 +18,7 @@ import httpx
 import uvicorn
 from tqdm import tqdm
 
-from app.api.server import prepare_database, server_config
+from app.api.server import prepare_instance, server_config
 from app.core.config import load_settings
 from app.core.logging import configure_logging
 from app.training.cli import collect_files, read_documents
@@ -59,7 +59,7 @@ async def run_demo(
     # Progress lines are the demo's output; logs would bury them unless asked for.
     configure_logging(os.environ.get("TORONTO_AI_LOG_LEVEL", "WARNING"), settings.log_format)
 
-    await prepare_database(settings, migrate=True)
+    await prepare_instance(settings, migrate=True)
     server = uvicorn.Server(server_config(settings, migrate=False, embedded_worker=True))
     serving = asyncio.create_task(server.serve(), name="demo-server")
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from app.core.config import ProviderSettings, Settings
+from app.core.config import ProviderSettings, Settings, read_secret_file
 from app.errors import ConfigError
 from app.llm.anthropic import AnthropicProvider
 from app.llm.base import LLMProvider
@@ -92,8 +92,10 @@ def _build(name: str, entry: ProviderSettings) -> LLMProvider:
     if entry.kind == OFFLINE:
         return _offline_provider(entry.latency_ms)
 
-    # resolved_api_key() reads api_key_file while the client is built and raises
-    # ConfigError when the file cannot be read.
+    # Read the key file here first, so that an unreadable one is reported with the
+    # provider's name; the client reads it again through resolved_api_key().
+    if entry.api_key is None and entry.api_key_file is not None:
+        read_secret_file(entry.api_key_file, f"llm.providers.{name}.api_key_file")
     return HTTP_PROVIDER_CLASSES[entry.kind](name, entry)
 
 
