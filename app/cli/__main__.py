@@ -3,7 +3,8 @@
 Commands:
   migrate          bring the database schema up to date
   create-api-key   create an API key for production use and print it once
-  revoke-api-key   revoke the keys with a given prefix
+  list-api-keys    list the keys by prefix and name, never the keys themselves
+  revoke-api-key   revoke a key, given whole or by its 8-character prefix
   serve            run an API instance and a worker in one process
   demo             run the all-in-one process, submit an example brief, follow it, print the report
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from app.cli.demo import run_demo
@@ -55,7 +57,7 @@ async def create_key(name: str) -> None:
     )
 
 
-async def revoke_key(prefix: str) -> int:
+async def revoke_key(key_or_prefix: str) -> int:
     from app.api.auth import revoke_api_key
     from app.db.engine import Database
     from app.db.migrate import check_schema
@@ -64,14 +66,46 @@ async def revoke_key(prefix: str) -> int:
     try:
         await check_schema(database)
         async with database.transaction() as connection:
-            count = await revoke_api_key(connection, prefix)
+            count = await revoke_api_key(connection, key_or_prefix)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         await database.dispose()
     if not count:
-        print(f"error: no active API key starts with {prefix!r}", file=sys.stderr)
+        print(
+            f"error: no active API key matches {key_or_prefix!r}; "
+            "`python -m app.cli list-api-keys` shows the active ones",
+            file=sys.stderr,
+        )
         return 1
     print(f"revoked {count} key(s)")
     return 0
+
+
+async def list_keys() -> None:
+    from app.api.auth import list_api_keys
+    from app.db.engine import Database
+    from app.db.migrate import check_schema
+
+    database = Database(load_settings().database)
+    try:
+        await check_schema(database)
+        async with database.read() as connection:
+            keys = await list_api_keys(connection)
+    finally:
+        await database.dispose()
+    if not keys:
+        print("no API keys; create one with `python -m app.cli create-api-key --name NAME`")
+        return
+    print(f"{'PREFIX':<10} {'CREATED (UTC)':<20} {'STATUS':<28} NAME")
+    for key in keys:
+        status = "active" if key["revoked_at"] is None else f"revoked {_utc(key['revoked_at'])}"
+        print(f"{key['prefix']:<10} {_utc(key['created_at']):<20} {status:<28} {key['name']}")
+
+
+def _utc(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def serve(port: int | None) -> None:
@@ -99,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     create = commands.add_parser("create-api-key", help="create an API key and print it once")
     create.add_argument("--name", required=True, type=key_name, help="who or what uses the key, for listings")
 
-    revoke = commands.add_parser("revoke-api-key", help="revoke the active keys with this prefix")
-    revoke.add_argument("prefix", help="the first 8 characters of the key")
+    commands.add_parser("list-api-keys", help="list the keys by prefix and name")
+
+    revoke = commands.add_parser("revoke-api-key", help="revoke a key, given whole or by its prefix")
+    revoke.add_argument("key", help="the whole key, or its first 8 characters as list-api-keys shows them")
 
     serve_parser = commands.add_parser("serve", help="run an API instance and a worker in one process")
     serve_parser.add_argument("--port", type=port_number, help="TCP port (default: TORONTO_AI_PORT or 8000)")
@@ -128,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(migrate())
         elif arguments.command == "create-api-key":
             asyncio.run(create_key(arguments.name))
+        elif arguments.command == "list-api-keys":
+            asyncio.run(list_keys())
         elif arguments.command == "revoke-api-key":
-            return asyncio.run(revoke_key(arguments.prefix))
+            return asyncio.run(revoke_key(arguments.key))
         elif arguments.command == "serve":
             serve(arguments.port)
         elif arguments.command == "demo":
