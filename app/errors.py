@@ -9,6 +9,7 @@ Every error the service raises on purpose derives from ``TorontoAIError``::
     ├── SchemaVersionError     the database schema is not the one this code expects
     ├── DatabaseUnavailableError  the database cannot be reached or refuses the connection
     ├── PlanValidationError    a plan that names unknown roles, has cycles or is too large
+    ├── InvalidInputError      a name or value that breaks a documented rule, from a CLI or library call
     ├── DocumentError          a document that is empty, binary, too large or not UTF-8
     ├── EmbeddingError         the embedding model could not be loaded or called
     └── LLMError               a model call that failed
@@ -50,6 +51,10 @@ class DatabaseUnavailableError(TorontoAIError):
 
 class PlanValidationError(TorontoAIError):
     """A plan produced by the project manager is not a valid task graph."""
+
+
+class InvalidInputError(TorontoAIError, ValueError):
+    """A name or value that breaks a documented rule; the message names the rule."""
 
 
 class DocumentError(TorontoAIError, ValueError):

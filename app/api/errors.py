@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.errors import ConflictError, DatabaseUnavailableError, NotFoundError
+from app.errors import ConflictError, DatabaseUnavailableError, InvalidInputError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ async def conflict(request: Request, exc: ConflictError) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": str(exc)})
 
 
+async def invalid_input(request: Request, exc: InvalidInputError) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_ENTITY, content={"detail": str(exc)})
+
+
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     logger.error("database unavailable: %s", exc, extra={"action": "http.database_unavailable"})
     return JSONResponse(
@@ -55,6 +59,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(NotFoundError, not_found)
     app.add_exception_handler(ConflictError, conflict)
+    app.add_exception_handler(InvalidInputError, invalid_input)
     # A lost or refused connection is the database's outage, not the client's error.
     app.add_exception_handler(OperationalError, database_unavailable)
     app.add_exception_handler(InterfaceError, database_unavailable)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.db.models import chunks, documents, knowledge_bases
 from app.db.projects import new_id
 from app.db.records import utc_now
-from app.errors import ConflictError, NotFoundError
+from app.errors import ConflictError, InvalidInputError, NotFoundError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the names POST /knowledge-bases accepts
 
@@ -41,6 +41,11 @@ def text_hash(text: str) -> str:
 async def insert_knowledge_base(
     connection: AsyncConnection, name: str, description: str, model: str, dimension: int
 ) -> Row:
+    if not NAME.fullmatch(name):
+        raise InvalidInputError(
+            f"{name!r} is not a valid knowledge-base name; use 1 to 64 letters, digits, '_', '.' "
+            "or '-', starting with a letter or digit"
+        )
     existing = await connection.scalar(select(knowledge_bases.c.id).where(knowledge_bases.c.name == name))
     if existing is not None:
         raise ConflictError(f"a knowledge base named {name!r} already exists; choose another name")

@@ -177,6 +177,17 @@ def test_unknown_knowledge_base_is_one_line(ingested, command):
     assert lines[0].startswith("error: knowledge base 'missing' not found")
 
 
+@pytest.mark.parametrize("name", ["bad name", "Bad!", "x" * 65])
+def test_create_rejects_an_invalid_name(ingested, name):
+    workspace, _ = ingested
+
+    result = run_cli(workspace, "create", name)
+
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: {name!r} is not a valid knowledge-base name")
+    assert "not found" not in result.stderr
+
+
 def test_file_name_not_utf8_is_skipped(tmp_path):
     workspace = make_workspace(tmp_path)
     (workspace.documents / "leave.md").write_text(LEAVE, encoding="utf-8")
