@@ -21,8 +21,16 @@ _STANDARD_ATTRIBUTES = frozenset(
 )
 
 
+# uvicorn attaches a copy of some messages with ANSI colour codes for its own formatter.
+_IGNORED_EXTRAS = frozenset({"color_message"})
+
+
 def record_fields(record: logging.LogRecord) -> dict[str, object]:
-    return {key: value for key, value in vars(record).items() if key not in _STANDARD_ATTRIBUTES}
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _STANDARD_ATTRIBUTES and key not in _IGNORED_EXTRAS
+    }
 
 
 class JSONFormatter(logging.Formatter):
