@@ -44,6 +44,27 @@ def drop_postgres_database(name: str) -> None:
     asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+# trylast: after ``-m`` and ``-k`` have deselected their items.
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stop before the first test when PostgreSQL tests are selected but the server is down.
+
+    Each of them would otherwise fail on its own connection error; tests that need no
+    PostgreSQL (``tests/unit``, ``-m 'not postgres'``) run without the server.
+    """
+    if not any(item.get_closest_marker("postgres") for item in items):
+        return
+    try:
+        asyncio.run(_admin("SELECT 1"))
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.exit(
+            f"PostgreSQL at {POSTGRES_ADMIN_URL} is not reachable ({exc}); start it, point "
+            "TAT_TEST_POSTGRES_URL at a server where this user may create databases, or add "
+            "-m 'not postgres' to test on SQLite only",
+            returncode=2,
+        )
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
