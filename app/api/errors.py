@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 
 from fastapi import FastAPI, Request, status
@@ -18,13 +19,38 @@ def _field(location: tuple) -> str:
     return ".".join(str(part) for part in location)
 
 
+def _body_fields(request: Request) -> list[str]:
+    """Return the top-level fields the route's body model accepts, or [] if it has none."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(body_field, "field_info", None), "annotation", None)
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _message(request: Request, error: dict) -> str:
+    """Return pydantic's message for one error, with the fix where pydantic gives none."""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "json_invalid":
+        reason = error.get("ctx", {}).get("error", "JSON decode error")
+        return f"the body is not valid JSON ({reason}); send a JSON object"
+    if error["type"] == "extra_forbidden" and error["loc"][:1] == ("body",) and len(error["loc"]) == 2:
+        accepted = _body_fields(request)
+        if accepted:
+            close = difflib.get_close_matches(str(error["loc"][1]), accepted, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return f"unknown field; accepted fields: {', '.join(accepted)}{hint}"
+    if error["type"] in ("model_attributes_type", "dict_type") and error["loc"] == ("body",):
+        content_type = request.headers.get("content-type", "none")
+        if not content_type.startswith("application/json"):
+            return (
+                f"the body must be a JSON object sent with Content-Type: application/json, not {content_type}"
+            )
+        return "the body must be a JSON object"
+    return message
+
+
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {
-            "field": _field(error["loc"]),
-            "message": error["msg"].removeprefix("Value error, "),
-            "type": error["type"],
-        }
+        {"field": _field(error["loc"]), "message": _message(request, error), "type": error["type"]}
         for error in exc.errors()
     ]
     summary = "; ".join(f"{error['field']}: {error['message']}" for error in errors)

@@ -125,7 +125,7 @@ async def test_event_stream_ends_after_completion(api):
         ({"brief": "   \n\t "}, "body.brief", "empty or only whitespace"),
         ({}, "body.brief", "Field required"),
         ({"brief": 5}, "body.brief", "valid string"),
-        ({"brief": BRIEF, "colour": "red"}, "body.colour", "Extra inputs"),
+        ({"brief": BRIEF, "colour": "red"}, "body.colour", "unknown field; accepted fields"),
         ({"brief": BRIEF, "team": "no such/team"}, "body.team", "pattern"),
         ({"brief": BRIEF, "title": " "}, "body.title", "empty or only whitespace"),
     ],
