@@ -116,12 +116,16 @@ def respond(prompt: str) -> str:
     task_name = task_heading.removeprefix("Your task: ")
 
     if task_name == "plan":
-        return _plan(sections.get("Team", ""), _plan_limit(sections.get(task_heading, "")))
+        return _plan(sections.get("Team", ""), _plan_limit(sections.get(task_heading, "")), brief)
     citations = _citations(sections.get("Knowledge", ""))
     if task_name == "final report":
         return _report(brief, sections.get("Completed tasks", "")) + citations
     deliverable = _deliverable(
-        brief, task_name, sections.get(task_heading, ""), sections.get("Outputs this task depends on", "")
+        brief,
+        task_name,
+        sections.get(task_heading, ""),
+        sections.get("Outputs this task depends on", ""),
+        _passages(sections.get("Knowledge", "")),
     )
     return deliverable + citations
 
@@ -172,22 +176,25 @@ def _plan_limit(text: str) -> int:
     return int(found.group(1)) if found else 20
 
 
-def _plan(team_section: str, limit: int) -> str:
+def _plan(team_section: str, limit: int, brief: str) -> str:
     roles = re.findall(r"^- ([a-z][a-z0-9_]*):", team_section, re.MULTILINE)
     available = set(roles) if roles else {role for _, role, _, _, _ in _PIPELINE}
+    steps = [step for step in _PIPELINE if step[1] in available]
+    assigned = _assign_points(_brief_points(brief), steps)
 
     tasks = []
-    for key, role, title, depends_on, description in _PIPELINE:
-        if role in available:
-            tasks.append(
-                {
-                    "id": key,
-                    "title": title,
-                    "role": role,
-                    "description": description,
-                    "depends_on": list(depends_on),
-                }
-            )
+    for key, role, title, depends_on, description in steps:
+        if assigned.get(key):
+            description += " From the brief: " + " ".join(assigned[key])
+        tasks.append(
+            {
+                "id": key,
+                "title": title,
+                "role": role,
+                "description": description,
+                "depends_on": list(depends_on),
+            }
+        )
     for index, role in enumerate(role for role in roles if role not in {step[1] for step in _PIPELINE}):
         tasks.append(
             {
@@ -206,7 +213,36 @@ def _plan(team_section: str, limit: int) -> str:
     return json.dumps({"tasks": kept}, indent=2)
 
 
-def _deliverable(brief: str, title: str, description: str, inputs: str) -> str:
+def _assign_points(points: list[str], steps: list[tuple]) -> dict[str, list[str]]:
+    """Give each point of the brief to the plan step that shares the most words with it.
+
+    A task's description then names its part of the brief, which is also what its knowledge
+    query searches for. Points that share no word with any step go to the developer's step,
+    or to the first step when there is none.
+    """
+    if not steps:
+        return {}
+    vocabulary = {step[0]: _word_stems(f"{step[2]} {step[4]}") for step in steps}
+    fallback = next((step[0] for step in steps if step[1] == "developer"), steps[0][0])
+    assigned: dict[str, list[str]] = {}
+    for point in points:
+        words = _word_stems(point)
+        # max() keeps the first of equal scores, so ties go to the earlier step.
+        key = max(vocabulary, key=lambda candidate: len(words & vocabulary[candidate]))
+        if not words & vocabulary[key]:
+            key = fallback
+        assigned.setdefault(key, []).append(point)
+    return assigned
+
+
+def _word_stems(text: str) -> set[str]:
+    words = re.findall(r"[a-z]{3,}", text.lower())
+    return {word.removesuffix("s") for word in words if word not in _STOP_WORDS}
+
+
+def _deliverable(
+    brief: str, title: str, description: str, inputs: str, passages: list[tuple[str, str, str, str]]
+) -> str:
     points = _brief_points(brief)
     terms = key_terms(brief)
     dependencies = re.findall(r"^## (\S+): (.+)$", inputs, re.MULTILINE)
@@ -216,7 +252,8 @@ def _deliverable(brief: str, title: str, description: str, inputs: str) -> str:
     lines += [f"- {point}" for point in points[:8]] or ["- (the brief lists no separate points)"]
     lines += ["", "### Key concerns", ""]
     lines += [
-        f"- **{term}**: how it is handled is stated and checked in this deliverable." for term in terms[:6]
+        f"- **{term}**: how it is handled is stated and checked in this deliverable.{_cite(term, passages)}"
+        for term in terms[:6]
     ]
     if dependencies:
         lines += ["", "### Built on", ""]
@@ -240,11 +277,14 @@ def _report(brief: str, completed: str) -> str:
     tasks = re.findall(r"^## (\S+): (.+) \((.+)\)$", completed, re.MULTILINE)
 
     lines = [NOTICE, "", f"# Final report: {headline}", "", "## Delivered", ""]
-    lines += [f"- {key} {title}, by the {role_title.lower()}" for key, title, role_title in tasks]
+    lines += [f"- {key} {title} ({role_title})" for key, title, role_title in tasks]
     lines += ["", "## Main points of the brief", ""]
     lines += [f"- {point}" for point in _brief_points(brief)[:6]]
     lines += ["", "## Open risks", ""]
-    lines += [f"- {term}: confirm with the requester" for term in key_terms(brief)[:3]]
+    lines += [
+        f"- **{term}**: no model checked how the deliverables handle it; review it with the requester."
+        for term in key_terms(brief)[:3]
+    ]
     lines += ["", "## Next steps", "", "- Replace the offline provider with a model to get real analysis."]
     return "\n".join(lines)
 
@@ -255,9 +295,22 @@ _PASSAGE = re.compile(
 _QUOTE_CHARS = 240  # of each passage quoted in an offline output
 
 
+def _passages(knowledge: str) -> list[tuple[str, str, str, str]]:
+    """Return (number, source, heading, text) for each passage of a prompt's Knowledge section."""
+    return _PASSAGE.findall(knowledge)
+
+
+def _cite(term: str, passages: list[tuple[str, str, str, str]]) -> str:
+    """Return " [n]" for the first passage that mentions ``term``, or "" when none does."""
+    for number, _source, _heading, text in passages:
+        if term.lower() in text.lower():
+            return f" [{number}]"
+    return ""
+
+
 def _citations(knowledge: str) -> str:
     """Quote each retrieved passage with its number and source, the way a model should cite them."""
-    passages = _PASSAGE.findall(knowledge)
+    passages = _passages(knowledge)
     if not passages:
         return ""
     lines = ["", "", "### Sources", ""]
@@ -280,9 +333,25 @@ def _headline(brief: str) -> str:
     return "project"
 
 
+_BULLET = re.compile(r"^(\s*)(?:[-*]|\d+\.)\s+(.+)$")
+
+
 def _brief_points(brief: str) -> list[str]:
-    """Return the bullet points of the brief, or its sentences when it has none."""
-    bullets = [match.strip() for match in re.findall(r"^\s*(?:[-*]|\d+\.)\s+(.+)$", brief, re.MULTILINE)]
+    """Return the bullet points of the brief, or its sentences when it has none.
+
+    An indented line right after a bullet continues it, as Markdown wraps long items.
+    """
+    bullets: list[str] = []
+    continuing = False
+    for line in brief.splitlines():
+        bullet = _BULLET.match(line)
+        if bullet:
+            bullets.append(bullet.group(2).strip())
+            continuing = True
+        elif continuing and line.strip() and line[:1].isspace():
+            bullets[-1] += " " + line.strip()
+        else:
+            continuing = False
     if bullets:
         return bullets
     body = " ".join(line for line in brief.splitlines() if not line.lstrip().startswith("#"))

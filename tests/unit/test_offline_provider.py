@@ -70,7 +70,7 @@ async def test_report_lists_completed_tasks(team):
     text = await complete(messages)
 
     assert "# Final report: Ticket triage" in text
-    assert "- T1 Requirements, by the product manager" in text
+    assert "- T1 Requirements (Product manager)" in text
 
 
 async def test_simulated_latency_is_reported():
@@ -81,3 +81,47 @@ async def test_simulated_latency_is_reported():
 
     assert completion.latency_ms >= 20
     assert completion.provider == "offline"
+
+
+WRAPPED_BRIEF = """# Billing clean-up
+
+Constraints:
+- Follow the community conventions for code style and type hints rather than
+  house rules, so new hires already know them.
+- Ship a test strategy that keeps behaviour unchanged.
+"""
+
+
+async def test_wrapped_bullet_is_one_point(team):
+    messages = prompts.work_messages(WRAPPED_BRIEF, team["developer"], "Plan", "Plan it.", [])
+
+    text = await complete(messages)
+
+    assert (
+        "- Follow the community conventions for code style and type hints rather than house rules, so new hires already know them."
+        in text
+    )
+
+
+async def test_plan_gives_brief_points_to_matching_tasks(team):
+    limits = PlanningSettings()
+    messages = prompts.plan_messages(WRAPPED_BRIEF, team[PROJECT_MANAGER], team, limits)
+
+    plan = parse_plan(await complete(messages), team, limits)
+    descriptions = {task.title: task.description for task in plan.tasks}
+
+    assert "Ship a test strategy" in descriptions["Test strategy"]
+    assert "Follow the community conventions" in descriptions["Implementation plan"]
+    assert "From the brief" not in descriptions["System design"]
+
+
+async def test_key_concern_cites_the_passage_that_mentions_it(team):
+    passages = [
+        prompts.Passage("pep-0008.rst", "Naming", "Function names should be lowercase.", 0.9),
+        prompts.Passage("pep-0484.rst", "Rationale", "Type hints for a billing service.", 0.8),
+    ]
+    messages = prompts.work_messages(WRAPPED_BRIEF, team["developer"], "Plan", "Plan it.", [], passages)
+
+    text = await complete(messages)
+
+    assert "- **billing**: how it is handled is stated and checked in this deliverable. [2]" in text
