@@ -190,6 +190,9 @@ async def _follow(client: httpx.AsyncClient, project_id: str, started: float) ->
                 print(f"{elapsed} plan accepted: {total} tasks")
             elif kind == "task.started" and task_id in titles:
                 print(f"{elapsed} started   {titles[task_id]}")
+            elif kind == "task.started":
+                # The planning task starts before the plan names the other tasks.
+                titles[task_id] = f"{data['key']} ({data['role']})"
             elif kind == "task.completed" and task_id in titles:
                 finished += 1
                 print(f"{elapsed} finished  {titles[task_id]}  [{finished}/{total}]")

@@ -94,7 +94,11 @@ def _load_sentence_transformer(folder: Path):
     started = time.perf_counter()
     try:
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        # transformers draws a "Loading weights" bar on stderr, which interleaves with the
+        # service's logs and the CLI's own progress bar; the load is logged below instead.
+        transformers_logging.disable_progress_bar()
         model = SentenceTransformer(str(folder), device="cpu")
     except Exception as exc:  # noqa: BLE001 - every load failure gets the same clear message
         raise EmbeddingError(f"loading the embedding model from {folder} failed: {exc}") from exc
