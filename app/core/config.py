@@ -385,7 +385,13 @@ def _reject_unknown_variables(environ: dict[str, str]) -> None:
         top = variable[len(ENV_PREFIX) :].split("__", 1)[0]
         if top not in known:
             accepted = ", ".join(ENV_PREFIX + name for name in sorted(known))
-            raise ConfigError(f"unknown environment variable {variable}; accepted prefixes: {accepted}")
+            hint = ""
+            # TORONTO_AI_WORKER_CONCURRENCY: a section name followed by one underscore, not two.
+            section = next((name for name in known if top.startswith(name + "_")), None)
+            if section is not None:
+                nested = f"{ENV_PREFIX}{section}__{top[len(section) + 1 :]}"
+                hint = f"; nested keys are joined with two underscores, as in {nested}"
+            raise ConfigError(f"unknown environment variable {variable}{hint}; accepted prefixes: {accepted}")
 
 
 def _describe(exc: ValidationError, origins: dict[str, str], environ: dict[str, str]) -> str:

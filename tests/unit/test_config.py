@@ -90,6 +90,13 @@ def test_unknown_environment_variable(tmp_path):
         load_settings(config_dir=tmp_path, environ={"TORONTO_AI_WORKERS": "3"})
 
 
+def test_single_underscore_variable_suggests_nested_name(tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_dir=tmp_path, environ={"TORONTO_AI_WORKER_CONCURRENCY": "3"})
+
+    assert "as in TORONTO_AI_WORKER__CONCURRENCY" in str(raised.value)
+
+
 def test_invalid_json_names_line(tmp_path):
     (tmp_path / "config.json").write_text('{"port": 80,\n}')
 
