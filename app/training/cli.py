@@ -7,6 +7,8 @@ Commands:
   query NAME TEXT          print the passages most similar to TEXT
   status NAME              print document and chunk counts, and failed documents
   delete NAME SOURCE       remove a document and its chunks
+  vector_db                configure Chroma servers (--configure-scaling), repartition indices
+                           (--partition-indices --partitions N), print layouts (--status)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from app.knowledge import repository
 from app.knowledge.documents import decode_document
 from app.knowledge.repository import DocumentStatus, NewDocument
 from app.runtime import Runtime
+from app.training import vector_db
 
 SUPPORTED_SUFFIXES = (".md", ".markdown", ".rst", ".txt", ".html", ".htm")
 FILES_PER_REQUEST = 100
@@ -178,10 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete", help="remove a document and its chunks")
     delete.add_argument("name")
     delete.add_argument("source")
+
+    vector_db.add_parser(commands)
     return parser
 
 
 async def run(arguments: argparse.Namespace, settings: Settings) -> int:
+    if arguments.command == "vector_db":
+        return await vector_db.run(arguments, settings)
     runtime = await Runtime.start(settings, migrate=True)
     try:
         if arguments.command == "create":
