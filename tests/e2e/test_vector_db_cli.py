@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
 import sqlite3
 import subprocess
@@ -241,3 +242,45 @@ def test_configure_scaling_rejects_bad_flags(tmp_path, arguments, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_configure_scaling_asks_in_a_terminal(tmp_path, chroma_servers):
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("TORONTO_AI_")}
+    environment["TORONTO_AI_CONFIG_DIR"] = str(tmp_path)
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        cli_arguments("vector_db", "--configure-scaling"),
+        cwd=REPO_ROOT,
+        env=environment,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+    )
+    os.close(terminal)
+    instances = f"{chroma_servers[0].address},{chroma_servers[1].address}"
+    # An invalid count is asked again; the empty answer keeps the offered default of 0 replicas.
+    os.write(controller, f"{instances}\nfour\n4\n\n".encode())
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        screen += chunk
+    process.wait(CLI_TIMEOUT_SECONDS)
+    os.close(controller)
+
+    errors = process.stderr.read().decode()
+    assert process.returncode == 0, errors
+    # input() writes its prompt to stderr unless the readline module is loaded.
+    assert "Chroma servers (host:port,host:port) [127.0.0.1:8000]: " in errors
+    assert "Partitions per knowledge base [1]: " in errors
+    assert "'four' is not a whole number; try again" in screen.decode()
+    written = json.loads((tmp_path / "config" / "vector_db_config.json").read_text())["vector_db"]
+    assert (written["partitions"], written["replicas"]) == (4, 0)
+    assert [instance["port"] for instance in written["instances"]] == [
+        chroma_servers[0].port,
+        chroma_servers[1].port,
+    ]
