@@ -82,17 +82,25 @@ async def ingest(runtime: Runtime, name: str, paths: list[Path], create: bool) -
         if not exists:
             await knowledge.create(name, "")
 
+    # Files are read and queued in slices, so a corpus of any size needs memory for one slice.
     files = collect_files(paths)
-    accepted, rejected = read_documents(files, runtime.settings.knowledge.max_document_bytes)
-    for line in rejected:
-        print(f"skipped {line}", file=sys.stderr)
-    if not accepted:
+    accepted_count = 0
+    rejected: list[str] = []
+    for start in range(0, len(files), FILES_PER_REQUEST):
+        accepted, rejected_here = read_documents(
+            files[start : start + FILES_PER_REQUEST], runtime.settings.knowledge.max_document_bytes
+        )
+        for line in rejected_here:
+            print(f"skipped {line}", file=sys.stderr)
+        rejected.extend(rejected_here)
+        if accepted:
+            await knowledge.add_documents(name, accepted)
+            accepted_count += len(accepted)
+    if not accepted_count:
         print("error: no document to ingest", file=sys.stderr)
         return 1
 
-    for start in range(0, len(accepted), FILES_PER_REQUEST):
-        await knowledge.add_documents(name, accepted[start : start + FILES_PER_REQUEST])
-    await _ingest_queued(runtime, name, len(accepted))
+    await _ingest_queued(runtime, name, accepted_count)
 
     row, counts = await knowledge.describe(name)
     print(
