@@ -125,7 +125,7 @@ class ChromaInstances:
         return self._clients[address]
 
     async def heartbeat(self, address: str, *, retries: int | None = None) -> None:
-        """Raise VectorStoreUnavailableError unless ``address`` answers its heartbeat."""
+        """Raise VectorStoreUnavailableError unless ``address`` responds to its heartbeat."""
         client = await self.client(address, retries=retries)
         await self.call(address, client.heartbeat, retries=retries, action="heartbeat")
 

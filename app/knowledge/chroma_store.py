@@ -44,7 +44,7 @@ WRITABLE = (LayoutStatus.ACTIVE, LayoutStatus.BUILDING)
 
 @dataclass(frozen=True, slots=True)
 class VectorRecord:
-    """What a Chroma collection holds of one chunk."""
+    """The part of a chunk that a Chroma collection stores."""
 
     chunk_id: str
     vector: np.ndarray
@@ -74,7 +74,7 @@ class ChromaVectorStore:
         await self.create_collections(layout)
 
     async def create_collections(self, layout: Layout) -> None:
-        """Create every partition's collection on each of its replicas, so that an empty one answers."""
+        """Create every partition's collection on each of its replicas, so that an empty one responds to queries."""
         await asyncio.gather(
             *(
                 self.instances.collection(address, layout.collection(partition), create=True)

@@ -3,7 +3,7 @@
 Each partition is asked on one of its replicas, chosen in turn so that the replicas share the
 load, with healthy instances before any that failed in the last ``vector_db.unhealthy_seconds``.
 A replica that fails or takes longer than ``vector_db.query_timeout_seconds`` is abandoned for
-the next one. A partition none of whose replicas answers is reported as missing, never
+the next one. A partition none of whose replicas responds is reported as missing, never
 silently left out. Each attempt's latency goes to the ``toronto_ai_vector_partition_query_seconds``
 histogram.
 
@@ -55,16 +55,16 @@ class QueryDistributor:
     async def query(
         self, layout: Layout, vector: np.ndarray, n_results: int, where: dict[str, Any] | None = None
     ) -> DistributedResult:
-        """Return the best ``n_results`` candidates over every partition that answered."""
+        """Return the best ``n_results`` candidates over every partition that responded."""
         embedding = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        answers = await asyncio.gather(
+        per_partition = await asyncio.gather(
             *(
                 self._query_partition(layout, partition, embedding, n_results, where)
                 for partition in range(layout.partitions)
             )
         )
-        missing = tuple(partition for partition, answer in enumerate(answers) if answer is None)
-        candidates = [candidate for answer in answers if answer is not None for candidate in answer]
+        missing = tuple(partition for partition, found in enumerate(per_partition) if found is None)
+        candidates = [candidate for found in per_partition if found is not None for candidate in found]
         candidates.sort(key=lambda candidate: (candidate.distance, candidate.chunk_id))
         if missing:
             VECTOR_PARTITIONS_MISSING.inc(len(missing))
@@ -104,7 +104,7 @@ class QueryDistributor:
                 self.instances.forget_collection(address, name)
                 self.instances.mark_unhealthy(address)
                 logger.warning(
-                    "partition %d of %s not answered by %s: %s",
+                    "partition %d of %s failed on %s: %s",
                     partition,
                     name,
                     address,
@@ -126,7 +126,7 @@ class QueryDistributor:
             ]
 
         logger.error(
-            "partition %d of %s: no replica answered (%s)",
+            "partition %d of %s: no replica responded (%s)",
             partition,
             name,
             ", ".join(replicas),

@@ -93,7 +93,7 @@ class Repartitioner:
         self.progress = progress
 
     async def repartition(self, knowledge_base: Row, partitions: int) -> Outcome:
-        """Move ``knowledge_base`` onto ``partitions`` partitions placed as the settings say."""
+        """Move ``knowledge_base`` onto ``partitions`` partitions placed as the settings define."""
         placement = self.settings.placement_for(partitions)
         outcome = Outcome(knowledge_base.name, "repartitioned", partitions)
         await self._finish_retired(knowledge_base.id, outcome)

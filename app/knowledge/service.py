@@ -36,7 +36,7 @@ class QueryResult:
     results: list[ScoredChunk]
     cached: bool
     version: int
-    # Partitions of a partitioned store that did not answer; their chunks are missing from results.
+    # Partitions of a partitioned store that did not respond; their chunks are missing from results.
     missing_partitions: tuple[int, ...] = ()
 
 

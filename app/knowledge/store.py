@@ -59,7 +59,7 @@ class ScoredChunk:
 
 
 class SearchHits(list[ScoredChunk]):
-    """The chunks a search found, best first, and the partitions that did not answer.
+    """The chunks a search found, best first, and the partitions that did not respond.
 
     A partitioned store returns what the other partitions found when some partition has no
     replica that answers, and names the missing ones here, so that callers can tell a partial

@@ -2,7 +2,7 @@
 
 ``--configure-scaling`` writes the ``vector_db`` section of ``config/vector_db_config.json``
 from ``--instances``, ``--partitions`` and ``--replicas``, or asks for them when run in a
-terminal without them, after checking that every instance answers its heartbeat.
+terminal without them, after checking that every instance responds to its heartbeat.
 ``--partition-indices`` moves every knowledge base (or the one named) onto ``--partitions``
 partitions; ``--rollback`` drops what an interrupted run had built instead of resuming it.
 ``--status`` lists the instances and each knowledge base's layouts.
@@ -169,7 +169,7 @@ def _validated_section(
 
 
 async def check_instances(section: VectorDbSettings) -> None:
-    """Raise VectorStoreError naming every instance that does not answer its heartbeat."""
+    """Raise VectorStoreError naming every instance that does not respond to its heartbeat."""
     instances = ChromaInstances(section)
     failures = []
     for instance in section.instances:
@@ -285,7 +285,7 @@ async def print_status(settings: Settings) -> int:
     for instance in section.instances:
         try:
             await instances.heartbeat(instance.address, retries=0)
-            state = "answers"
+            state = "responds"
         except VectorStoreError:
             state = "unreachable"
         print(f"  instance {instance.address}: {state}")

@@ -3,7 +3,7 @@
 #
 #   scripts/services/chroma.sh start [PORT...]   start `chroma run` on each port (default 58000 58001)
 #   scripts/services/chroma.sh stop [PORT...]    stop the servers this script started
-#   scripts/services/chroma.sh status [PORT...]  print whether each server answers its heartbeat
+#   scripts/services/chroma.sh status [PORT...]  print whether each server responds to its heartbeat
 #
 # Servers listen on 127.0.0.1 only. Each keeps its data in $CHROMA_DATA_DIR/chroma-PORT
 # (default: a new folder under /tmp, printed at start) and writes its log and pid file to
@@ -39,7 +39,7 @@ heartbeat() {
 start_one() {
     local port="$1" data_dir="$2"
     if heartbeat "$port"; then
-        echo "port $port: a server already answers; leaving it" >&2
+        echo "port $port: a server already responds; leaving it" >&2
         return 0
     fi
     mkdir -p "$data_dir/chroma-$port" "$run_dir"
@@ -54,7 +54,7 @@ start_one() {
             exit 1
         fi
         if [ "$waited" -ge $((ready_timeout_seconds * 10)) ]; then
-            echo "error: chroma run on port $port did not answer within ${ready_timeout_seconds} s; see $run_dir/chroma-$port.log" >&2
+            echo "error: chroma run on port $port did not respond within ${ready_timeout_seconds} s; see $run_dir/chroma-$port.log" >&2
             exit 1
         fi
         sleep 0.1
@@ -100,7 +100,7 @@ case "$command" in
         ;;
     status)
         for port in "${ports[@]}"; do
-            if heartbeat "$port"; then echo "127.0.0.1:$port answers"; else echo "127.0.0.1:$port unreachable"; fi
+            if heartbeat "$port"; then echo "127.0.0.1:$port responds"; else echo "127.0.0.1:$port unreachable"; fi
         done
         ;;
     *)

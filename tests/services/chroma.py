@@ -55,7 +55,7 @@ class ChromaServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
-        """Start the server (again, with the same data) and wait until its heartbeat answers."""
+        """Start the server (again, with the same data) and wait until its heartbeat responds."""
         if self.process is not None and self.process.poll() is None:
             return
         self.data_folder.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ class ChromaServer:
                 pass
             time.sleep(POLL_SECONDS)
         raise RuntimeError(
-            f"chroma run on {self.address} did not answer its heartbeat within {READY_TIMEOUT_SECONDS} s; "
+            f"chroma run on {self.address} did not respond its heartbeat within {READY_TIMEOUT_SECONDS} s; "
             f"is the port taken? See {self.log_path}:\n{self.log_tail()}"
         )
 

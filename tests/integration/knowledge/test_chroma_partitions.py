@@ -114,7 +114,7 @@ def make_queries(vectors: np.ndarray, seed: int) -> np.ndarray:
 async def ranked(
     store, database: Database, knowledge_base_id: str, queries: np.ndarray, field: str = "chunk_id"
 ) -> list[list[str]]:
-    """Return ``field`` of each query's hits, asserting that every partition answered."""
+    """Return ``field`` of each query's hits, asserting that every partition responded."""
     async with database.read() as connection:
         version = await layouts.knowledge_base_version(connection, knowledge_base_id)
     results = []
