@@ -60,7 +60,8 @@ class ChromaInstances:
         self._collections: dict[tuple[str, str], AsyncCollection] = {}
         self._max_batch: dict[str, int] = {}
         self._unhealthy_until: dict[str, float] = {}
-        self._lock = asyncio.Lock()
+        # One lock per server, so that connecting to an unreachable one delays no other.
+        self._connect_locks: dict[str, asyncio.Lock] = {}
 
     def is_healthy(self, address: str) -> bool:
         return self._unhealthy_until.get(address, 0.0) <= time.monotonic()
@@ -119,7 +120,7 @@ class ChromaInstances:
                 host=host, port=int(port), settings=chromadb.Settings(anonymized_telemetry=False)
             )
 
-        async with self._lock:
+        async with self._connect_locks.setdefault(address, asyncio.Lock()):
             if address not in self._clients:
                 self._clients[address] = await self.call(address, connect, retries=retries, action="connect")
         return self._clients[address]
@@ -138,13 +139,18 @@ class ChromaInstances:
             )
         return self._max_batch[address]
 
-    async def collection(self, address: str, name: str, *, create: bool) -> AsyncCollection:
-        """Return collection ``name`` on ``address``; with ``create``, create it if it is missing."""
+    async def collection(
+        self, address: str, name: str, *, create: bool, retries: int | None = None
+    ) -> AsyncCollection:
+        """Return collection ``name`` on ``address``; with ``create``, create it if it is missing.
+
+        An existing collection keeps the HNSW configuration it was created with.
+        """
         key = (address, name)
         cached = self._collections.get(key)
         if cached is not None:
             return cached
-        client = await self.client(address)
+        client = await self.client(address, retries=retries)
         if create:
             configuration = {
                 "hnsw": {
@@ -164,7 +170,7 @@ class ChromaInstances:
             async def open_collection() -> AsyncCollection:
                 return await client.get_collection(name, embedding_function=None)
 
-        collection = await self.call(address, open_collection, action="open collection")
+        collection = await self.call(address, open_collection, retries=retries, action="open collection")
         self._collections[key] = collection
         return collection
 

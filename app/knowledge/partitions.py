@@ -88,7 +88,7 @@ class QueryDistributor:
         for address in replicas:
             started = time.perf_counter()
             try:
-                collection = await self.instances.collection(address, name, create=False)
+                collection = await self.instances.collection(address, name, create=False, retries=retries)
                 result = await self.instances.call(
                     address,
                     lambda collection=collection: collection.query(

@@ -140,6 +140,12 @@ class KnowledgeService:
         vector = await self._query_vector(text)
         results = await self.store.search(row.id, row.version, vector, top_k, source=source)
         if results.missing_partitions:
+            logger.warning(
+                "query of %s returned results without partitions %s",
+                name,
+                list(results.missing_partitions),
+                extra={"action": "knowledge.partial_results", "knowledge_base": name},
+            )
             return QueryResult(
                 list(results),
                 cached=False,

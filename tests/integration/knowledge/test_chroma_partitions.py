@@ -295,14 +295,27 @@ async def test_query_api_lists_missing_partitions(database_url, tmp_path, chroma
     async with open_api(database_url, tmp_path, embedded_worker=False, **environment) as api:
         created = await api.client.post("/api/v1/knowledge-bases", json={"name": "outage"})
         assert created.status_code == 201, created.text
+        ready = await api.client.get("/ready")
         chroma_servers[0].stop()
         try:
             response = await api.client.post(
                 "/api/v1/knowledge-bases/outage/query", json={"text": "anything", "top_k": 3}
             )
+            not_ready = await api.client.get("/ready")
+            metrics = await api.client.get("/metrics")
         finally:
             chroma_servers[0].start()
 
     assert response.status_code == 200, response.text
     assert response.json()["missing_partitions"] == [0, 1]
     assert response.json()["results"] == []
+    assert ready.json()["checks"]["vector_store"] == "ok"
+    assert not_ready.status_code == 503
+    assert (
+        not_ready.json()["checks"]["vector_store"]
+        == f"failed: Chroma {chroma_servers[0].address} unreachable"
+    )
+    assert (
+        f'toronto_ai_vector_partition_query_seconds_count{{instance="{chroma_servers[0].address}",'
+        'outcome="unavailable",partition="1"}'
+    ) in metrics.text
