@@ -7,10 +7,12 @@ its own database, whose ids name the collections, so tests do not see each other
 from __future__ import annotations
 
 import json
+import signal
 
 import chromadb.errors
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from app.core.config import KnowledgeSettings
@@ -319,3 +321,39 @@ async def test_query_api_lists_missing_partitions(database_url, tmp_path, chroma
         f'toronto_ai_vector_partition_query_seconds_count{{instance="{chroma_servers[0].address}",'
         'outcome="unavailable",partition="1"}'
     ) in metrics.text
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_frozen_instance_times_out_to_replica(database, tmp_path, database_url, chroma_servers):
+    environment = chroma_environment(chroma_servers, 3, 1)
+    environment["TORONTO_AI_VECTOR_DB__QUERY_TIMEOUT_SECONDS"] = "0.5"
+    settings = make_settings(database_url, tmp_path, **environment)
+    store = ChromaVectorStore(database, DIMENSION, settings.vector_db)
+    base, vectors = await fill(database, store, "frozen", seed=41)
+    queries = make_queries(vectors, seed=42)[:5]
+    expected = await ranked(store, database, base.id, queries)
+    frozen = chroma_servers[1]
+    timeouts_before = timeouts_of(frozen.address)
+
+    # SIGSTOP keeps the server's connections open but unanswered, as a server stuck in a
+    # long pause would.
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        found = await ranked(store, database, base.id, queries)
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+
+    assert found == expected
+    assert timeouts_of(frozen.address) > timeouts_before
+
+
+def timeouts_of(address: str) -> float:
+    """Return how many partition queries to ``address`` ended unavailable, over partitions 0 to 2."""
+    return sum(
+        REGISTRY.get_sample_value(
+            "toronto_ai_vector_partition_query_seconds_count",
+            {"partition": str(partition), "instance": address, "outcome": "unavailable"},
+        )
+        or 0.0
+        for partition in range(3)
+    )
