@@ -136,7 +136,7 @@ class Repartitioner:
 
         await self.store.create_collections(building)
         outcome.vectors = await self._copy(knowledge_base.name, building)
-        outcome.repaired = await self._verify_and_switch(knowledge_base.name, building, active)
+        outcome.repaired = await self._verify_and_switch(knowledge_base.name, building)
         await self._finish_retired(knowledge_base.id, outcome, grace=True)
         return outcome
 
@@ -188,7 +188,7 @@ class Repartitioner:
         async with self.database.read() as connection:
             return list(await connection.execute(query))
 
-    async def _verify_and_switch(self, name: str, building: Layout, active: Layout | None) -> int:
+    async def _verify_and_switch(self, name: str, building: Layout) -> int:
         repaired_total = 0
         for _ in range(MAX_VERIFY_ROUNDS):
             async with self.database.read() as connection:
@@ -201,8 +201,18 @@ class Repartitioner:
                 current = await layouts.lock_knowledge_base(connection, building.knowledge_base_id)
                 if current != version:
                     continue  # a write landed during verification; verify again
-                if active is not None:
-                    await layouts.set_status(connection, active.id, LayoutStatus.RETIRED)
+                statuses = {
+                    layout.id: layout.status
+                    for layout in await layouts.list_layouts(connection, building.knowledge_base_id)
+                }
+                if statuses.get(building.id) != LayoutStatus.BUILDING:
+                    raise VectorStoreError(
+                        f"{name}: layout {building.version} is {statuses.get(building.id)}, no longer building; "
+                        "another run switched or rolled it back, so this one stops"
+                    )
+                for layout_id, status in statuses.items():
+                    if status == LayoutStatus.ACTIVE:
+                        await layouts.set_status(connection, layout_id, LayoutStatus.RETIRED)
                 await layouts.set_status(connection, building.id, LayoutStatus.ACTIVE)
                 await bump_version(connection, building.knowledge_base_id)
             logger.info(
