@@ -22,7 +22,7 @@ import httpx
 from chromadb.api.models.AsyncCollection import AsyncCollection
 
 from app.core.config import VectorDbSettings
-from app.errors import VectorStoreError, VectorStoreUnavailableError
+from app.errors import VectorStoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +180,7 @@ class ChromaInstances:
         client = await self.client(address)
         try:
             await self.call(address, lambda: client.delete_collection(name), action="delete collection")
-        except (CollectionNotFound, chromadb.errors.InvalidArgumentError) as exc:
-            if "does not exist" not in str(exc) and not isinstance(exc, CollectionNotFound):
-                raise VectorStoreError(f"deleting collection {name} on {address} failed: {exc}") from exc
+        except CollectionNotFound:
             return False
         return True
 
