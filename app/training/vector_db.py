@@ -256,11 +256,9 @@ def describe(outcome: Outcome) -> str:
         return f"{outcome.knowledge_base}: already in {outcome.partitions} partitions"
     if outcome.action != "repartitioned":
         return f"{outcome.knowledge_base}: {outcome.action}"
-    before = (
-        f"{outcome.previous_partitions} partitions"
-        if outcome.previous_partitions is not None
-        else "the database only"
-    )
+    before = "the database only"
+    if outcome.previous_partitions is not None:
+        before = f"{outcome.previous_partitions} partition{'s' if outcome.previous_partitions != 1 else ''}"
     line = f"{outcome.knowledge_base}: {outcome.vectors} vectors moved from {before} to {outcome.partitions}"
     if outcome.resumed_from:
         line += f" (resumed after {outcome.resumed_from})"

@@ -160,7 +160,7 @@ def test_repartitioning_story(workspace):
         environment, "vector_db", "--partition-indices", "--partitions", "4", "--batch-size", COPY_BATCH
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"peps: {len(chunk_ids)} vectors moved from 1 partitions to 4 (resumed after" in resumed.stdout
+    assert f"peps: {len(chunk_ids)} vectors moved from 1 partition to 4 (resumed after" in resumed.stdout
     assert [row[:3] for row in layouts(database)] == [(1, "deleted", 1), (2, "active", 4)]
     held = stored_ids(servers, base_id, 2, 4, 1)
     for (partition, port), ids in held.items():
