@@ -12,6 +12,8 @@ Every error the service raises on purpose derives from ``TorontoAIError``::
     ├── InvalidInputError      a name or value that breaks a documented rule, from a CLI or library call
     ├── DocumentError          a document that is empty, binary, too large or not UTF-8
     ├── EmbeddingError         the embedding model could not be loaded or called
+    ├── VectorStoreError       a vector-store layout that cannot serve the request
+    │   └── VectorStoreUnavailableError  a Chroma server that cannot be reached
     └── LLMError               a model call that failed
         ├── LLMTimeoutError        no response within the configured timeout
         ├── LLMRateLimitError      HTTP 429; carries the server's Retry-After
@@ -63,6 +65,14 @@ class DocumentError(TorontoAIError, ValueError):
 
 class EmbeddingError(TorontoAIError):
     """The embedding model could not be loaded or did not return vectors."""
+
+
+class VectorStoreError(TorontoAIError):
+    """The vector store cannot serve a request as its layout stands; the message says what to run."""
+
+
+class VectorStoreUnavailableError(VectorStoreError):
+    """A Chroma server did not answer after retries; the message names its host:port."""
 
 
 class LLMError(TorontoAIError):

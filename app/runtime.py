@@ -15,10 +15,11 @@ from app.agent.team import RoleSpec, build_team, sync_team
 from app.core.config import Settings
 from app.db.engine import Database
 from app.db.migrate import check_schema, lock_startup, upgrade
+from app.knowledge.chroma_store import ChromaVectorStore
 from app.knowledge.embeddings import build_embedder
 from app.knowledge.ingestion import DocumentIngestor
 from app.knowledge.service import KnowledgeService
-from app.knowledge.store import EmbeddedVectorStore
+from app.knowledge.store import EmbeddedVectorStore, VectorStore
 from app.llm.cache import ResponseCache
 from app.llm.registry import ProviderRegistry
 from app.worker.queue import TaskQueue
@@ -63,7 +64,7 @@ class Runtime:
         cache = ResponseCache(settings.caching)
         queue = TaskQueue(database, settings.worker)
         embedder = build_embedder(settings.knowledge)
-        store = EmbeddedVectorStore(database, embedder.dimension, settings.knowledge)
+        store = build_vector_store(settings, database, embedder.dimension)
         knowledge = KnowledgeService(database, embedder, store, settings.knowledge)
         ingestor = DocumentIngestor(
             database, embedder, store, settings.knowledge, settings.worker.lease_seconds
@@ -74,3 +75,10 @@ class Runtime:
     async def aclose(self) -> None:
         await self.providers.aclose()
         await self.database.dispose()
+
+
+def build_vector_store(settings: Settings, database: Database, dimension: int) -> VectorStore:
+    """Return the store ``vector_db.provider`` selects: embedded, or partitions on Chroma servers."""
+    if settings.vector_db.provider == "chroma":
+        return ChromaVectorStore(database, dimension, settings.vector_db)
+    return EmbeddedVectorStore(database, dimension, settings.knowledge)

@@ -81,3 +81,22 @@ def make_settings(database_url: str, tmp_path: Path, **environment: str) -> Sett
     """Settings for a test: only the given variables, no configuration files."""
     environ = {"TORONTO_AI_DATABASE__URL": database_url, "TORONTO_AI_ENV": "test", **environment}
     return load_settings(config_dir=tmp_path / "no-config", environ=environ)
+
+
+CHROMA_PORTS = [int(port) for port in os.environ.get("TAT_TEST_CHROMA_PORTS", "58020,58021,58022").split(",")]
+
+
+@pytest.fixture(scope="session")
+def chroma_servers(tmp_path_factory: pytest.TempPathFactory):
+    """Three Chroma servers on loopback ports, shared by every test of the session.
+
+    A test that stops one must start it again before it ends.
+    """
+    from tests.services.chroma import start_servers
+
+    servers = start_servers(CHROMA_PORTS, tmp_path_factory.mktemp("chroma"))
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

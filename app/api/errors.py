@@ -10,7 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.errors import ConflictError, DatabaseUnavailableError, InvalidInputError, NotFoundError
+from app.errors import (
+    ConflictError,
+    DatabaseUnavailableError,
+    InvalidInputError,
+    NotFoundError,
+    VectorStoreError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,16 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
     )
 
 
+async def vector_store_error(request: Request, exc: VectorStoreError) -> JSONResponse:
+    # The message names the Chroma server or the command to run; neither is a secret.
+    logger.error("vector store error: %s", exc, extra={"action": "http.vector_store_error"})
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": str(exc)},
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(NotFoundError, not_found)
@@ -91,3 +107,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InterfaceError, database_unavailable)
     app.add_exception_handler(DatabaseUnavailableError, database_unavailable)
     app.add_exception_handler(ConnectionError, database_unavailable)
+    app.add_exception_handler(VectorStoreError, vector_store_error)

@@ -227,6 +227,101 @@ class KnowledgeSettings(Section):
         return self
 
 
+class ChromaInstance(Section):
+    """One Chroma server, started with ``chroma run --host HOST --port PORT --path DIR``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class VectorDbSettings(Section):
+    """Where knowledge-base vectors are searched: the embedded store, or partitions on Chroma servers.
+
+    With ``provider`` ``chroma``, each knowledge base's vectors are spread over ``partitions``
+    collections by a hash of the chunk id. Partition ``p`` lives on ``placement[p]``, a list of
+    instance addresses whose first entry is the primary, or by default on the instances
+    ``p, p+1, ..., p+replicas`` (modulo their count). The database records the layout each
+    knowledge base uses, so changing these keys affects only new knowledge bases until
+    ``python -m app.training.cli vector_db --partition-indices`` moves the existing ones.
+    """
+
+    provider: Literal["embedded", "chroma"] = "embedded"
+    instances: list[ChromaInstance] = Field(default_factory=list)
+    partitions: int = Field(1, ge=1, le=256, description="Partitions of a new knowledge base")
+    replicas: int = Field(0, ge=0, le=16, description="Copies of each partition beyond the primary")
+    placement: list[list[str]] | None = Field(
+        None, description="Per partition, the addresses (host:port) of the instances holding it"
+    )
+    request_timeout_seconds: float = Field(10.0, gt=0, description="One request to one instance")
+    query_timeout_seconds: float = Field(
+        2.0, gt=0, description="A partition slower than this is asked on its next replica"
+    )
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed write or read on one instance")
+    retry_backoff_seconds: float = Field(0.2, ge=0)
+    unhealthy_seconds: float = Field(
+        5.0, ge=0, description="An instance that failed is asked last for this long"
+    )
+    write_batch_size: int = Field(
+        1000, ge=1, description="Vectors per write; capped at the server's max batch size"
+    )
+    hnsw_space: Literal["ip", "cosine", "l2"] = "ip"
+    hnsw_ef_search: int = Field(100, ge=1, le=10_000)
+    hnsw_ef_construction: int = Field(100, ge=1, le=10_000)
+    hnsw_max_neighbors: int = Field(16, ge=2, le=256)
+
+    @model_validator(mode="after")
+    def instances_cover_layout(self) -> VectorDbSettings:
+        addresses = [instance.address for instance in self.instances]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"vector_db.instances: an address appears twice in {addresses}")
+        if self.provider != "chroma":
+            return self
+        if not self.instances:
+            raise ValueError(
+                "vector_db.provider 'chroma' needs vector_db.instances; run "
+                "`python -m app.training.cli vector_db --configure-scaling` to write them"
+            )
+        if self.replicas + 1 > len(self.instances):
+            raise ValueError(
+                f"vector_db.replicas ({self.replicas}) needs {self.replicas + 1} instances per partition, "
+                f"but vector_db.instances lists {len(self.instances)}; add instances or lower replicas"
+            )
+        if self.placement is not None:
+            check_placement(self.placement, addresses, self.partitions)
+        return self
+
+    def placement_for(self, partitions: int) -> list[list[str]]:
+        """Return the instance addresses of each of ``partitions`` partitions, primary first."""
+        addresses = [instance.address for instance in self.instances]
+        if self.placement is not None:
+            check_placement(self.placement, addresses, partitions)
+            return [list(entry) for entry in self.placement]
+        return [
+            [addresses[(partition + copy) % len(addresses)] for copy in range(self.replicas + 1)]
+            for partition in range(partitions)
+        ]
+
+
+def check_placement(placement: list[list[str]], addresses: list[str], partitions: int) -> None:
+    """Raise ValueError unless ``placement`` puts each of ``partitions`` on distinct known instances."""
+    if len(placement) != partitions:
+        raise ValueError(
+            f"vector_db.placement lists {len(placement)} partitions, but {partitions} are configured; "
+            "give one entry per partition or remove vector_db.placement"
+        )
+    for partition, entry in enumerate(placement):
+        unknown = [address for address in entry if address not in addresses]
+        if not entry or unknown or len(set(entry)) != len(entry):
+            raise ValueError(
+                f"vector_db.placement[{partition}] = {entry}: list one or more distinct addresses of "
+                f"vector_db.instances ({', '.join(addresses)})"
+            )
+
+
 class ApiSettings(Section):
     max_brief_chars: int = Field(20_000, ge=100)
     max_body_bytes: int = Field(1_048_576, ge=1024)
@@ -257,6 +352,7 @@ class Settings(BaseSettings):
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    vector_db: VectorDbSettings = Field(default_factory=VectorDbSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -273,6 +273,32 @@ class TaskSource(Base):
     score: Mapped[float] = mapped_column(Float)
 
 
+class VectorLayout(Base):
+    """Where one knowledge base's vectors live on Chroma servers: partitions and their instances.
+
+    At most one layout per knowledge base is ``active`` (queries use it). A repartitioning run
+    fills a ``building`` layout, recording in ``copied_through`` the last chunk id it copied,
+    and switches it to ``active`` in one transaction; the previous one becomes ``retired``
+    until its collections are dropped, then ``deleted``.
+    """
+
+    __tablename__ = "vector_layouts"
+    __table_args__ = (
+        UniqueConstraint("knowledge_base_id", "version", name="uq_vector_layouts_knowledge_base_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    knowledge_base_id: Mapped[str] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    partitions: Mapped[int] = mapped_column(Integer)
+    placement: Mapped[list[list[str]]] = mapped_column(JSON)
+    copied_through: Mapped[str | None] = mapped_column(String(64))
+    copied: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
 class APIKey(Base):
     __tablename__ = "api_keys"
 
@@ -299,3 +325,4 @@ knowledge_bases = KnowledgeBase.__table__
 documents = Document.__table__
 chunks = Chunk.__table__
 task_sources = TaskSource.__table__
+vector_layouts = VectorLayout.__table__

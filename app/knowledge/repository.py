@@ -169,7 +169,7 @@ async def queue_documents(
     return len(fresh), len(new_documents) - len(fresh), len(sources) - len(new_documents)
 
 
-async def delete_document(connection: AsyncConnection, knowledge_base_id: str, source: str) -> None:
+async def find_document_id(connection: AsyncConnection, knowledge_base_id: str, source: str) -> str:
     document_id = None
     if "\x00" not in source:  # no stored source has one, and PostgreSQL rejects it in a query
         document_id = await connection.scalar(
@@ -179,6 +179,11 @@ async def delete_document(connection: AsyncConnection, knowledge_base_id: str, s
         )
     if document_id is None:
         raise NotFoundError(f"no document with source {source!r} in this knowledge base")
+    return document_id
+
+
+async def delete_document(connection: AsyncConnection, knowledge_base_id: str, source: str) -> None:
+    document_id = await find_document_id(connection, knowledge_base_id, source)
     await connection.execute(delete(chunks).where(chunks.c.document_id == document_id))
     await connection.execute(delete(documents).where(documents.c.id == document_id))
     await bump_version(connection, knowledge_base_id)

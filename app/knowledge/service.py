@@ -36,6 +36,8 @@ class QueryResult:
     results: list[ScoredChunk]
     cached: bool
     version: int
+    # Partitions of a partitioned store that did not respond; their chunks are missing from results.
+    missing_partitions: tuple[int, ...] = ()
 
 
 class LRUCache:
@@ -74,6 +76,7 @@ class KnowledgeService:
             row = await repository.insert_knowledge_base(
                 connection, name, description, self.embedder.model_name, self.embedder.dimension
             )
+            await self.store.create_knowledge_base(connection, row.id)
         logger.info(
             "knowledge base created", extra={"action": "knowledge_base.created", "knowledge_base": name}
         )
@@ -106,6 +109,8 @@ class KnowledgeService:
     async def delete_document(self, name: str, source: str) -> None:
         async with self.database.transaction() as connection:
             row = await repository.get_knowledge_base(connection, name)
+            document_id = await repository.find_document_id(connection, row.id, source)
+            await self.store.delete_document(connection, row.id, document_id)
             await repository.delete_document(connection, row.id, source)
 
     async def query(self, name: str, text: str, top_k: int, *, source: str | None = None) -> QueryResult:
@@ -134,6 +139,19 @@ class KnowledgeService:
 
         vector = await self._query_vector(text)
         results = await self.store.search(row.id, row.version, vector, top_k, source=source)
+        if results.missing_partitions:
+            logger.warning(
+                "query of %s returned results without partitions %s",
+                name,
+                list(results.missing_partitions),
+                extra={"action": "knowledge.partial_results", "knowledge_base": name},
+            )
+            return QueryResult(
+                list(results),
+                cached=False,
+                version=row.version,
+                missing_partitions=results.missing_partitions,
+            )
         self._results.put(key, results)
         return QueryResult(results, cached=False, version=row.version)
 

@@ -13,7 +13,9 @@ every query (about 0.9 ms for 30,000 chunks on a 2-core machine, against about 0
 the graph at recall@10 above 0.99; see docs/benchmarks.md). Queries filtered by source stay
 exact.
 
-A store for Chroma servers implements the same three methods.
+``ChromaVectorStore`` (app/knowledge/chroma_store.py) implements the same interface over
+partitions on Chroma servers; ``vector_db.provider`` chooses between them. With either, the
+``chunks`` table stays the record of every chunk and its vector.
 """
 
 from __future__ import annotations
@@ -56,7 +58,23 @@ class ScoredChunk:
     metadata: dict[str, Any]
 
 
+class SearchHits(list[ScoredChunk]):
+    """The chunks a search found, best first, and the partitions that did not respond.
+
+    A partitioned store returns what the other partitions found when some partition has no
+    replica that answers, and names the missing ones here, so that callers can tell a partial
+    result from a complete one and must not cache it.
+    """
+
+    def __init__(self, hits: list[ScoredChunk] = (), missing_partitions: tuple[int, ...] = ()) -> None:
+        super().__init__(hits)
+        self.missing_partitions = missing_partitions
+
+
 class VectorStore(Protocol):
+    async def create_knowledge_base(self, connection: AsyncConnection, knowledge_base_id: str) -> None:
+        """Prepare a new knowledge base's storage, inside the caller's transaction."""
+
     async def write_document(
         self,
         connection: AsyncConnection,
@@ -78,7 +96,7 @@ class VectorStore(Protocol):
         top_k: int,
         *,
         source: str | None = None,
-    ) -> list[ScoredChunk]:
+    ) -> SearchHits:
         """Return the ``top_k`` chunks most similar to a unit ``vector``, best first."""
 
 
@@ -105,6 +123,9 @@ class EmbeddedVectorStore:
         self._indexes: dict[str, _Index] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    async def create_knowledge_base(self, connection: AsyncConnection, knowledge_base_id: str) -> None:
+        """Nothing to prepare: the chunks table is the embedded store's storage."""
+
     async def write_document(
         self,
         connection: AsyncConnection,
@@ -112,28 +133,7 @@ class EmbeddedVectorStore:
         document_id: str,
         items: Sequence[StoredChunk],
     ) -> None:
-        await connection.execute(delete(chunks).where(chunks.c.document_id == document_id))
-        if not items:
-            return
-        now = utc_now()
-        await connection.execute(
-            chunks.insert(),
-            [
-                {
-                    "id": item.id,
-                    "knowledge_base_id": knowledge_base_id,
-                    "document_id": document_id,
-                    "position": item.position,
-                    "heading": item.heading,
-                    "text": item.text,
-                    "token_count": item.token_count,
-                    "content_hash": item.content_hash,
-                    "embedding": np.asarray(item.vector, dtype=np.float32).tobytes(),
-                    "created_at": now,
-                }
-                for item in items
-            ],
-        )
+        await replace_chunk_rows(connection, knowledge_base_id, document_id, items)
 
     async def delete_document(
         self, connection: AsyncConnection, knowledge_base_id: str, document_id: str
@@ -148,10 +148,10 @@ class EmbeddedVectorStore:
         top_k: int,
         *,
         source: str | None = None,
-    ) -> list[ScoredChunk]:
+    ) -> SearchHits:
         index = await self._index(knowledge_base_id, version)
         if not index.ids or top_k <= 0:
-            return []
+            return SearchHits()
 
         query = np.asarray(vector, dtype=np.float32)
         # Take more than top_k so that duplicates collapsed below still leave top_k results.
@@ -244,10 +244,38 @@ class EmbeddedVectorStore:
         return graph
 
 
-def _collapse_duplicates(index: _Index, ranked: list[tuple[int, float]], top_k: int) -> list[ScoredChunk]:
+async def replace_chunk_rows(
+    connection: AsyncConnection, knowledge_base_id: str, document_id: str, items: Sequence[StoredChunk]
+) -> None:
+    """Replace a document's rows in the chunks table, vectors included."""
+    await connection.execute(delete(chunks).where(chunks.c.document_id == document_id))
+    if not items:
+        return
+    now = utc_now()
+    await connection.execute(
+        chunks.insert(),
+        [
+            {
+                "id": item.id,
+                "knowledge_base_id": knowledge_base_id,
+                "document_id": document_id,
+                "position": item.position,
+                "heading": item.heading,
+                "text": item.text,
+                "token_count": item.token_count,
+                "content_hash": item.content_hash,
+                "embedding": np.asarray(item.vector, dtype=np.float32).tobytes(),
+                "created_at": now,
+            }
+            for item in items
+        ],
+    )
+
+
+def _collapse_duplicates(index: _Index, ranked: list[tuple[int, float]], top_k: int) -> SearchHits:
     """Keep the best of chunks with identical text, such as a licence footer in every document."""
     seen: set[str] = set()
-    results: list[ScoredChunk] = []
+    results = SearchHits()
     for row, score in ranked:
         if not np.isfinite(score) or index.hashes[row] in seen:
             continue

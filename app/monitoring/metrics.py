@@ -33,3 +33,14 @@ async def refresh_database_gauges(database: Database) -> None:
         TASKS_BY_STATUS.labels(status.value).set(task_counts.get(status.value, 0))
     for status in ProjectStatus:
         PROJECTS_BY_STATUS.labels(status.value).set(project_counts.get(status.value, 0))
+
+VECTOR_PARTITION_QUERY_SECONDS = Histogram(
+    "toronto_ai_vector_partition_query_seconds",
+    "One partition's part of a vector query on one Chroma instance, in seconds",
+    ["partition", "instance", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+VECTOR_PARTITIONS_MISSING = Counter(
+    "toronto_ai_vector_partitions_missing_total",
+    "Partitions left out of a query result because none of their replicas answered",
+)

@@ -7,6 +7,8 @@ Commands:
   query NAME TEXT          print the passages most similar to TEXT
   status NAME              print document and chunk counts, and failed documents
   delete NAME SOURCE       remove a document and its chunks
+  vector_db                configure Chroma servers (--configure-scaling), repartition indices
+                           (--partition-indices --partitions N), print layouts (--status)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from app.knowledge import repository
 from app.knowledge.documents import decode_document
 from app.knowledge.repository import DocumentStatus, NewDocument
 from app.runtime import Runtime
+from app.training import vector_db
 
 SUPPORTED_SUFFIXES = (".md", ".markdown", ".rst", ".txt", ".html", ".htm")
 FILES_PER_REQUEST = 100
@@ -79,17 +82,25 @@ async def ingest(runtime: Runtime, name: str, paths: list[Path], create: bool) -
         if not exists:
             await knowledge.create(name, "")
 
+    # Files are read and queued in slices, so a corpus of any size needs memory for one slice.
     files = collect_files(paths)
-    accepted, rejected = read_documents(files, runtime.settings.knowledge.max_document_bytes)
-    for line in rejected:
-        print(f"skipped {line}", file=sys.stderr)
-    if not accepted:
+    accepted_count = 0
+    rejected: list[str] = []
+    for start in range(0, len(files), FILES_PER_REQUEST):
+        accepted, rejected_here = read_documents(
+            files[start : start + FILES_PER_REQUEST], runtime.settings.knowledge.max_document_bytes
+        )
+        for line in rejected_here:
+            print(f"skipped {line}", file=sys.stderr)
+        rejected.extend(rejected_here)
+        if accepted:
+            await knowledge.add_documents(name, accepted)
+            accepted_count += len(accepted)
+    if not accepted_count:
         print("error: no document to ingest", file=sys.stderr)
         return 1
 
-    for start in range(0, len(accepted), FILES_PER_REQUEST):
-        await knowledge.add_documents(name, accepted[start : start + FILES_PER_REQUEST])
-    await _ingest_queued(runtime, name, len(accepted))
+    await _ingest_queued(runtime, name, accepted_count)
 
     row, counts = await knowledge.describe(name)
     print(
@@ -178,10 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete", help="remove a document and its chunks")
     delete.add_argument("name")
     delete.add_argument("source")
+
+    vector_db.add_parser(commands)
     return parser
 
 
 async def run(arguments: argparse.Namespace, settings: Settings) -> int:
+    if arguments.command == "vector_db":
+        return await vector_db.run(arguments, settings)
     runtime = await Runtime.start(settings, migrate=True)
     try:
         if arguments.command == "create":

@@ -11,6 +11,8 @@ from sqlalchemy import text
 
 from app.api.deps import RuntimeDep
 from app.db.migrate import check_schema
+from app.errors import VectorStoreError
+from app.knowledge.chroma_store import ChromaVectorStore
 from app.monitoring.metrics import refresh_database_gauges
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,32 @@ async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
         detail = type(exc).__name__ if runtime.settings.is_production else f"{type(exc).__name__}: {exc}"
         checks["database"] = f"failed: {detail}"
 
-    ready = all(value == "ok" for value in checks.values())
+    store = runtime.knowledge.store
+    if isinstance(store, ChromaVectorStore):
+        checks["vector_store"] = await vector_store_check(store)
+
+    # A Chroma server down is "degraded", not a failure: replicas or the other partitions
+    # still serve queries, and taking every instance out of rotation would serve none.
+    ready = all(value == "ok" or value.startswith("degraded") for value in checks.values())
     return JSONResponse(
         status_code=status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE,
         content={"status": "ready" if ready else "not ready", "checks": checks},
     )
+
+
+async def vector_store_check(store: ChromaVectorStore) -> str:
+    """Return "ok", "degraded: ..." when some Chroma servers do not respond, or "failed: ..." when none does."""
+    addresses = [instance.address for instance in store.settings.instances]
+    unreachable = []
+    for address in addresses:
+        try:
+            await store.instances.heartbeat(address, retries=0)
+        except VectorStoreError:
+            unreachable.append(address)
+    if not unreachable:
+        return "ok"
+    state = "failed" if len(unreachable) == len(addresses) else "degraded"
+    return f"{state}: Chroma {', '.join(unreachable)} unreachable"
 
 
 @metrics_router.get("/metrics")

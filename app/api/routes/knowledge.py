@@ -103,6 +103,11 @@ class QueryOut(BaseModel):
     results: list[QueryHit]
     cached: bool
     knowledge_base_version: int
+    missing_partitions: list[int] = Field(
+        default_factory=list,
+        description="Partitions of the index that no replica answered; their passages are missing "
+        "from results. Empty when the result is complete",
+    )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KnowledgeBasePublic)
@@ -211,4 +216,5 @@ async def query_knowledge_base(name: str, body: QueryIn, runtime: RuntimeDep) ->
         ],
         cached=found.cached,
         knowledge_base_version=found.version,
+        missing_partitions=list(found.missing_partitions),
     )
