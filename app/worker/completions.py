@@ -93,7 +93,8 @@ class CompletionBatcher:
         self._arrived.set()
         if self._closing or len(self._pending) >= self._flush_threshold():
             self._full.set()
-        return await asyncio.shield(pending.stored)
+        # A cancelled caller cancels only this future: the result stays in its batch.
+        return await pending.stored
 
     def flush_now(self) -> None:
         """Stop waiting for more results: from now on every result is flushed as it arrives."""
