@@ -1,11 +1,13 @@
 """Group commit of finished tasks: the results of many tasks are stored in one transaction.
 
-A task that finishes hands its execution to ``CompletionBatcher.store`` and waits. A single
-flusher collects what arrives within ``worker.completion_flush_seconds`` of the first
-result, or until ``worker.completion_batch_size`` results wait, and stores them with
-``TaskExecutor.store_many``; it flushes at once when every running task of the worker has
-handed in its result, since no other result can arrive. A task counts as completed only once its batch has committed:
-``store`` returns after the commit, and never before.
+A task that finishes hands its execution to ``CompletionBatcher.store`` and waits. A flusher
+collects the results that arrive within ``worker.completion_flush_seconds`` of the first,
+up to ``worker.completion_batch_size``, and stores them with ``TaskExecutor.store_many``.
+When every running task of the worker has handed in its result, no other result can
+arrive, so the batch is stored at once. On a database server up to
+``MAX_CONCURRENT_FLUSHES`` batches are stored at the same time, each in its own transaction.
+A task counts as completed only once its batch has committed: ``store`` returns after the
+commit, and never before.
 
 Every result in a batch is checked against its lease token, so a stale result is dropped
 without affecting the others. When the batch transaction fails, its results are stored
@@ -53,8 +55,10 @@ class CompletionBatcher:
         worker_id: str,
         running_tasks: Callable[[], int] | None = None,
     ) -> None:
-        """``running_tasks`` returns how many tasks of the worker may still hand in a result;
-        once all of them wait here, the batch is flushed without waiting any longer."""
+        """``running_tasks`` returns how many tasks of the worker may still hand in a result.
+
+        Once all of them wait here, the batch is stored without waiting any longer.
+        """
         self.database = database
         self.running_tasks = running_tasks
         self.executor = executor

@@ -106,8 +106,8 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         while not self._stopping.is_set():
-            # The tasks of one stored batch finish in the same turn of the event loop; one
-            # yield lets them all free their slots, so that one claim fills every slot.
+            # The tasks of one stored batch finish together. Yielding once lets more of them
+            # free their slots first, so that one claim fills more slots.
             await asyncio.sleep(0)
             # Cleared before the claim, so a wake-up that arrives while claiming is kept.
             self._wake.clear()

@@ -152,7 +152,7 @@ async def test_failed_batch_keeps_the_valid_results(runtime):
 class GatedProvider(OfflineProvider):
     """The offline provider, except that a brief containing ``HOLD`` waits for ``gate``.
 
-    It stands in for a model that is still thinking when the worker is stopped.
+    It plays a model that is still generating when the worker is stopped.
     """
 
     def __init__(self) -> None:
