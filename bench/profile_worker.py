@@ -4,7 +4,8 @@ Run ``python -m bench.profile_worker --engine postgresql --tasks 1000``. It seed
 work tasks as bench/queue_throughput.py, with the zero-latency offline provider, and prints:
 
 0. on PostgreSQL, the cost of one statement built with SQLAlchemy Core on every call (as
-   the product does) or once with ``bindparam()``, beside the same statement sent by
+   the product's rarer statements are) or once with ``bindparam()`` (as its claim and
+   store statements are), beside the same statement sent by
    asyncpg alone;
 1. the wall and CPU time and the statements of each step of one task (claim, execute,
    store), measured on tasks run one at a time so that no other task interleaves;
@@ -122,7 +123,7 @@ async def profile(
 async def _profile_statement_cost(runtime: Runtime, dsn: str, count: int = 2_000) -> None:
     """Time one UPDATE … RETURNING three ways: built per call, built once, and sent by asyncpg alone.
 
-    The first two go through the product's engine, the first as the product's code does.
+    The first two go through the product's engine.
     Each variant runs ``count`` times inside one transaction, so no commit is timed.
     """
     async with runtime.database.read() as connection:

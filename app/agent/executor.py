@@ -1,14 +1,16 @@
 """Execution of one leased task: build the prompt, call the role's model, store the result.
 
-``TaskExecutor.execute`` reads what the task needs and calls the model outside any
-transaction. ``TaskExecutor.store`` then writes the output, the conversation, the LLM
-calls and the task's consequences (a plan's tasks, a report's project completion) in one
-transaction that first checks the lease is still held.
+``TaskExecutor.execute`` builds the prompt from the context the claim read and calls the
+model outside any transaction. ``TaskExecutor.store_many`` then writes the outputs, the
+conversations, the LLM calls and the tasks' consequences (a plan's tasks, a report's
+project completion) of one or many attempts in the caller's transaction, after checking
+that each lease is still held.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -19,13 +21,16 @@ from app.agent.team import PROJECT_MANAGER, RoleSpec, load_team
 from app.core.config import Settings
 from app.db import projects as project_store
 from app.db.engine import Database
+from app.db.models import artifacts, llm_calls, messages
 from app.db.records import (
     LLMCallRecord,
     NewEvent,
-    add_artifact,
-    add_llm_calls,
-    add_messages,
     add_task_sources,
+    artifact_row,
+    insert_rows,
+    llm_call_rows,
+    message_rows,
+    utc_now,
 )
 from app.db.states import FINAL_PROJECT_STATUSES, TaskKind
 from app.errors import LLMError, PlanValidationError
@@ -35,7 +40,7 @@ from app.llm.base import ChatMessage, Completion, CompletionRequest
 from app.llm.cache import ResponseCache
 from app.llm.pricing import cost_usd
 from app.llm.registry import ProviderRegistry
-from app.worker.queue import Lease, TaskQueue
+from app.worker.queue import DependencyOutput, FinishedTask, Lease, TaskContext, TaskQueue
 
 logger = logging.getLogger(__name__)
 
@@ -76,84 +81,124 @@ class TaskExecutor:
         self._teams: dict[str, dict[str, RoleSpec]] = {}
 
     async def execute(self, execution: Execution) -> None:
-        """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure."""
-        lease = execution.lease
-        async with self.database.read() as connection:
-            project = await project_store.get_project(connection, lease.project_id)
-            if project.status in FINAL_PROJECT_STATUSES:
-                raise ProjectClosedError(f"project {project.id} is {project.status}")
-            team = self._teams.get(project.team)
-            if team is None:
-                # Teams are stored at start-up from the configuration and do not change
-                # while the process runs, so one read per team is enough.
-                team = self._teams[project.team] = await load_team(connection, project.team)
-            role = team[lease.role]
-            execution.role = role.name
-            if lease.kind == TaskKind.REPORT:
-                outputs = await project_store.read_work_outputs(connection, lease.project_id)
-            elif lease.kind == TaskKind.WORK:
-                task = await project_store.get_task(connection, lease.project_id, lease.task_id)
-                outputs = await project_store.read_outputs(connection, task.depends_on)
+        """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure.
 
-        # Model calls happen after the read transaction ends, so that no pooled database
-        # connection is held while a model thinks.
+        The prompt is built from the context the claim read, so no database read happens
+        here except the first time a team is seen.
+        """
+        lease = execution.lease
+        context = lease.context
+        if context is None:
+            raise ValueError(
+                f"lease of task {lease.task_id} has no context; claim tasks with TaskQueue.claim"
+            )
+        if context.project_status in FINAL_PROJECT_STATUSES:
+            raise ProjectClosedError(f"project {lease.project_id} is {context.project_status}")
+        team = await self._team(context.team)
+        role = team[lease.role]
+        execution.role = role.name
+
         if lease.kind == TaskKind.PLAN:
-            await self._plan(execution, project.brief, role, team)
+            await self._plan(execution, context.brief, role, team)
             return
-        passages = await self._retrieve(execution, project, lease)
+        passages = await self._retrieve(execution, context, lease)
+        prior = _prior(context.dependencies, team)
         if lease.kind == TaskKind.REPORT:
-            messages = prompts.report_messages(project.brief, role, _prior(outputs, team), passages)
+            messages = prompts.report_messages(context.brief, role, prior, passages)
         else:
             messages = prompts.work_messages(
-                project.brief, role, lease.title, lease.description, _prior(outputs, team), passages
+                context.brief, role, lease.title, lease.description, prior, passages
             )
 
         completion = await self._call(execution, role, messages)
         execution.conversation = [*messages, ChatMessage("assistant", completion.text)]
         execution.output = completion.text
 
-    async def _retrieve(self, execution: Execution, project, lease: Lease) -> list[prompts.Passage]:
+    async def _team(self, name: str) -> dict[str, RoleSpec]:
+        team = self._teams.get(name)
+        if team is None:
+            # Teams are stored at start-up from the configuration and do not change while
+            # the process runs, so one read per team is enough.
+            async with self.database.read() as connection:
+                team = self._teams[name] = await load_team(connection, name)
+        return team
+
+    async def _retrieve(
+        self, execution: Execution, context: TaskContext, lease: Lease
+    ) -> list[prompts.Passage]:
         """Find the knowledge-base passages most relevant to this task and the brief."""
         top_k = self.settings.knowledge.task_top_k
-        if not project.knowledge_base or top_k == 0:
+        if not context.knowledge_base or top_k == 0:
             return []
-        question = f"{lease.title}\n{lease.description}\n\n{project.brief[:1000]}"
+        question = f"{lease.title}\n{lease.description}\n\n{context.brief[:1000]}"
         if lease.kind == TaskKind.REPORT:
-            question = project.brief[:2000]
-        found = await self.knowledge.query(project.knowledge_base, question, top_k)
+            question = context.brief[:2000]
+        found = await self.knowledge.query(context.knowledge_base, question, top_k)
         execution.sources = found.results
         return [prompts.Passage(hit.source, hit.heading, hit.text, hit.score) for hit in found.results]
 
     async def store(self, connection: AsyncConnection, execution: Execution) -> bool:
         """Store a successful attempt; return False when the lease was lost meanwhile."""
-        lease = execution.lease
-        message = NewEvent(
-            "agent.message",
-            {"role": execution.role, "key": lease.key, "content": execution.output},
-            lease.task_id,
-        )
-        if not await self.queue.complete(connection, lease, execution.output, [message]):
-            return False
+        [stored] = await self.store_many(connection, [execution])
+        return stored
 
-        await add_messages(
-            connection,
-            lease.project_id,
-            lease.task_id,
-            execution.role,
-            [(message.role, message.content) for message in execution.conversation],
-        )
-        await add_llm_calls(connection, lease.project_id, lease.task_id, lease.attempt, execution.calls)
-        await add_artifact(connection, lease.project_id, lease.task_id, f"{lease.key}.md", execution.output)
-        if execution.sources or lease.attempt > 1:
-            await add_task_sources(connection, lease.task_id, execution.sources)
+    async def store_many(self, connection: AsyncConnection, executions: Sequence[Execution]) -> list[bool]:
+        """Store successful attempts of several tasks in the caller's transaction.
 
-        if lease.kind == TaskKind.PLAN and execution.plan is not None:
-            await project_store.insert_plan(
-                connection, lease.project_id, execution.plan, lease.role, self.settings.worker.max_attempts
+        Returns, per execution, whether it was stored; an attempt whose lease was lost
+        meanwhile stores nothing. The rows of all stored attempts go in one insert per table.
+        """
+        finished = [
+            FinishedTask(
+                execution.lease,
+                execution.output,
+                [
+                    NewEvent(
+                        "agent.message",
+                        {"role": execution.role, "key": execution.lease.key, "content": execution.output},
+                        execution.lease.task_id,
+                    )
+                ],
             )
-        elif lease.kind == TaskKind.REPORT:
-            await project_store.complete_project(connection, lease.project_id, execution.output)
-        return True
+            for execution in executions
+        ]
+        stored = await self.queue.complete_many(connection, finished)
+        kept = [execution for execution, was_stored in zip(executions, stored, strict=True) if was_stored]
+        if kept:
+            await self._store_records(connection, kept)
+        return stored
+
+    async def _store_records(self, connection: AsyncConnection, executions: Sequence[Execution]) -> None:
+        now = utc_now()
+        message_batch: list[dict] = []
+        call_batch: list[dict] = []
+        artifact_batch: list[dict] = []
+        for execution in executions:
+            lease = execution.lease
+            conversation = [(message.role, message.content) for message in execution.conversation]
+            message_batch += message_rows(lease.project_id, lease.task_id, execution.role, conversation, now)
+            call_batch += llm_call_rows(lease.project_id, lease.task_id, lease.attempt, execution.calls, now)
+            artifact_batch.append(
+                artifact_row(lease.project_id, lease.task_id, f"{lease.key}.md", execution.output, now)
+            )
+        await insert_rows(connection, messages, message_batch)
+        await insert_rows(connection, llm_calls, call_batch)
+        await insert_rows(connection, artifacts, artifact_batch)
+
+        for execution in executions:
+            lease = execution.lease
+            if execution.sources or lease.attempt > 1:
+                await add_task_sources(connection, lease.task_id, execution.sources)
+            if lease.kind == TaskKind.PLAN and execution.plan is not None:
+                await project_store.insert_plan(
+                    connection,
+                    lease.project_id,
+                    execution.plan,
+                    lease.role,
+                    self.settings.worker.max_attempts,
+                )
+            elif lease.kind == TaskKind.REPORT:
+                await project_store.complete_project(connection, lease.project_id, execution.output)
 
     async def _plan(
         self, execution: Execution, brief: str, manager: RoleSpec, team: dict[str, RoleSpec]
@@ -239,7 +284,7 @@ def _record(role: RoleSpec, completion: Completion, *, cache_hit: bool, cost: fl
     )
 
 
-def _prior(rows, team: dict[str, RoleSpec]) -> list[prompts.PriorOutput]:
+def _prior(rows: Sequence[DependencyOutput], team: dict[str, RoleSpec]) -> list[prompts.PriorOutput]:
     return [
         prompts.PriorOutput(
             row.key, row.title, team[row.role].title if row.role in team else row.role, row.output or ""

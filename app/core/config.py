@@ -163,6 +163,12 @@ class WorkerSettings(Section):
     backoff_base_seconds: float = Field(2.0, ge=0)
     backoff_max_seconds: float = Field(60.0, ge=0)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
+    completion_batch_size: int = Field(
+        200, ge=1, le=5000, description="Finished tasks stored in one transaction at most"
+    )
+    completion_flush_seconds: float = Field(
+        0.005, ge=0, le=60, description="Seconds a finished task waits for others to share its transaction"
+    )
 
     @model_validator(mode="after")
     def heartbeat_within_lease(self) -> WorkerSettings:

@@ -6,15 +6,16 @@ with the state change it describes, or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import Table, case, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.models import artifacts, events, llm_calls, messages, projects, task_sources
+from app.errors import NotFoundError
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,25 +44,43 @@ def utc_now() -> datetime:
 
 
 async def append_events(connection: AsyncConnection, project_id: str, new_events: Sequence[NewEvent]) -> None:
-    """Store events with consecutive per-project sequence numbers.
+    """Store events of one project with consecutive sequence numbers; see ``append_events_many``."""
+    await append_events_many(connection, {project_id: new_events})
+
+
+async def append_events_many(
+    connection: AsyncConnection, events_by_project: Mapping[str, Sequence[NewEvent]]
+) -> None:
+    """Store events with consecutive per-project sequence numbers, in two statements for any number of projects.
 
     Incrementing ``projects.event_seq`` locks the project row until commit, so two
     transactions of one project number their events in commit order. A client that resumes
     after sequence N therefore never misses an event committed later with a smaller number.
+    The project rows are updated by one statement in id order, the order every caller
+    locks several projects in, so two such transactions never wait for each other crosswise.
     """
-    if not new_events:
+    counts = {project_id: len(items) for project_id, items in events_by_project.items() if items}
+    if not counts:
         return
-    last = await connection.scalar(
+    project_ids = sorted(counts)
+    increment: Any = counts[project_ids[0]]
+    if len(project_ids) > 1:
+        increment = case({project_id: counts[project_id] for project_id in project_ids}, value=projects.c.id)
+    rows = await connection.execute(
         update(projects)
-        .where(projects.c.id == project_id)
-        .values(event_seq=projects.c.event_seq + len(new_events))
-        .returning(projects.c.event_seq)
+        .where(projects.c.id.in_(project_ids))
+        .values(event_seq=projects.c.event_seq + increment)
+        .returning(projects.c.id, projects.c.event_seq)
     )
-    first = last - len(new_events) + 1
+    last_by_project = dict(rows.all())
+
     now = utc_now()
-    await connection.execute(
-        events.insert(),
-        [
+    event_rows = []
+    for project_id in project_ids:
+        if project_id not in last_by_project:
+            raise NotFoundError(f"project {project_id!r} not found while storing its events")
+        first = last_by_project[project_id] - counts[project_id] + 1
+        event_rows += [
             {
                 "project_id": project_id,
                 "seq": first + offset,
@@ -70,9 +89,70 @@ async def append_events(connection: AsyncConnection, project_id: str, new_events
                 "data": event.data,
                 "created_at": now,
             }
-            for offset, event in enumerate(new_events)
-        ],
-    )
+            for offset, event in enumerate(events_by_project[project_id])
+        ]
+    await connection.execute(events.insert(), event_rows)
+
+
+def message_rows(
+    project_id: str, task_id: str, agent_role: str, items: Sequence[tuple[str, str]], now: datetime
+) -> list[dict[str, Any]]:
+    """Build rows of ``messages`` from a conversation of (sender, content) pairs, sender being
+    system, user or assistant."""
+    return [
+        {
+            "project_id": project_id,
+            "task_id": task_id,
+            "agent_role": agent_role,
+            "sender": sender,
+            "content": content,
+            "created_at": now,
+        }
+        for sender, content in items
+    ]
+
+
+def artifact_row(
+    project_id: str, task_id: str | None, name: str, content: str, now: datetime
+) -> dict[str, Any]:
+    return {
+        "project_id": project_id,
+        "task_id": task_id,
+        "name": name,
+        "media_type": "text/markdown",
+        "content": content,
+        "created_at": now,
+    }
+
+
+def llm_call_rows(
+    project_id: str, task_id: str, attempt: int, calls: Sequence[LLMCallRecord], now: datetime
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "project_id": project_id,
+            "task_id": task_id,
+            "attempt": attempt,
+            "agent_role": call.agent_role,
+            "provider": call.provider,
+            "model": call.model,
+            "prompt_tokens": call.prompt_tokens,
+            "completion_tokens": call.completion_tokens,
+            "latency_ms": call.latency_ms,
+            "cost_usd": call.cost_usd,
+            "cache_hit": call.cache_hit,
+            "status": call.status,
+            "error": call.error,
+            "created_at": now,
+        }
+        for call in calls
+    ]
+
+
+async def insert_rows(connection: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert ``rows`` into ``table`` in one statement; nothing happens when there are none."""
+    if rows:
+        await connection.execute(table.insert(), list(rows))
 
 
 async def add_messages(
@@ -83,68 +163,19 @@ async def add_messages(
     items: Sequence[tuple[str, str]],
 ) -> None:
     """Store a conversation as (sender, content) pairs, sender being system, user or assistant."""
-    if not items:
-        return
-    now = utc_now()
-    await connection.execute(
-        messages.insert(),
-        [
-            {
-                "project_id": project_id,
-                "task_id": task_id,
-                "agent_role": agent_role,
-                "sender": sender,
-                "content": content,
-                "created_at": now,
-            }
-            for sender, content in items
-        ],
-    )
+    await insert_rows(connection, messages, message_rows(project_id, task_id, agent_role, items, utc_now()))
 
 
 async def add_artifact(
     connection: AsyncConnection, project_id: str, task_id: str | None, name: str, content: str
 ) -> None:
-    await connection.execute(
-        artifacts.insert().values(
-            project_id=project_id,
-            task_id=task_id,
-            name=name,
-            media_type="text/markdown",
-            content=content,
-            created_at=utc_now(),
-        )
-    )
+    await insert_rows(connection, artifacts, [artifact_row(project_id, task_id, name, content, utc_now())])
 
 
 async def add_llm_calls(
     connection: AsyncConnection, project_id: str, task_id: str, attempt: int, calls: Sequence[LLMCallRecord]
 ) -> None:
-    if not calls:
-        return
-    now = utc_now()
-    await connection.execute(
-        llm_calls.insert(),
-        [
-            {
-                "project_id": project_id,
-                "task_id": task_id,
-                "attempt": attempt,
-                "agent_role": call.agent_role,
-                "provider": call.provider,
-                "model": call.model,
-                "prompt_tokens": call.prompt_tokens,
-                "completion_tokens": call.completion_tokens,
-                "latency_ms": call.latency_ms,
-                "cost_usd": call.cost_usd,
-                "cache_hit": call.cache_hit,
-                "status": call.status,
-                "error": call.error,
-                "created_at": now,
-            }
-            for call in calls
-        ],
-    )
+    await insert_rows(connection, llm_calls, llm_call_rows(project_id, task_id, attempt, calls, utc_now()))
 
 
 async def add_task_sources(connection: AsyncConnection, task_id: str, sources: Sequence[Any]) -> None:

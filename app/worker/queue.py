@@ -16,14 +16,145 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import Integer, Row, and_, bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.config import WorkerSettings
 from app.db.engine import Database
 from app.db.models import projects, task_attempts, task_dependencies, tasks
-from app.db.records import NewEvent, append_events, utc_now
+from app.db.records import NewEvent, append_events, append_events_many, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
+
+# The statements of the hot path are built once: SQLAlchemy then only looks up their
+# compiled form, which costs about half as much CPU as building a statement per call.
+
+# A materialized CTE runs the locking select exactly once. As an IN (subquery), PostgreSQL
+# may evaluate it again per row, and with SKIP LOCKED every evaluation returns other rows,
+# so one claim could take more than ``limit`` tasks.
+_CANDIDATES = (
+    select(tasks.c.id)
+    .where(tasks.c.status == TaskStatus.READY, tasks.c.available_at <= bindparam("claim_now"))
+    .order_by(tasks.c.available_at)
+    .limit(bindparam("claim_limit", type_=Integer))
+    .with_for_update(skip_locked=True)
+    .cte("candidates")
+    .prefix_with("MATERIALIZED", dialect="postgresql")
+)
+CLAIM_TASKS = (
+    update(tasks)
+    .where(tasks.c.id == _CANDIDATES.c.id, tasks.c.status == TaskStatus.READY)
+    .values(
+        status=TaskStatus.RUNNING,
+        lease_owner=bindparam("claim_worker"),
+        lease_token=tasks.c.lease_token + 1,
+        lease_expires_at=bindparam("claim_expires_at"),
+        attempts=tasks.c.attempts + 1,
+        started_at=func.coalesce(tasks.c.started_at, bindparam("claim_started_at")),
+    )
+    .returning(
+        tasks.c.id,
+        tasks.c.project_id,
+        tasks.c.kind,
+        tasks.c.key,
+        tasks.c.title,
+        tasks.c.description,
+        tasks.c.role,
+        tasks.c.attempts,
+        tasks.c.max_attempts,
+        tasks.c.lease_token,
+        tasks.c.depends_on,
+    )
+)
+READ_PROJECTS = select(
+    projects.c.id, projects.c.status, projects.c.brief, projects.c.team, projects.c.knowledge_base
+).where(projects.c.id.in_(bindparam("project_ids", expanding=True)))
+READ_OUTPUTS = (
+    select(tasks.c.id, tasks.c.key, tasks.c.title, tasks.c.role, tasks.c.output)
+    .where(tasks.c.id.in_(bindparam("dependency_ids", expanding=True)))
+    .order_by(tasks.c.position)
+)
+LOCK_RUNNING_TASKS = (
+    select(tasks.c.id, tasks.c.lease_token)
+    .where(tasks.c.id.in_(bindparam("task_ids", expanding=True)), tasks.c.status == TaskStatus.RUNNING)
+    .order_by(tasks.c.id)
+    .with_for_update()
+)
+COMPLETE_TASK = (
+    update(tasks)
+    .where(
+        tasks.c.id == bindparam("done_task_id"),
+        tasks.c.lease_token == bindparam("done_token"),
+        tasks.c.status == TaskStatus.RUNNING,
+    )
+    .values(
+        status=TaskStatus.COMPLETED,
+        output=bindparam("done_output"),
+        error=None,
+        finished_at=bindparam("done_at"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+)
+FINISH_ATTEMPT = (
+    update(task_attempts)
+    .where(
+        task_attempts.c.task_id == bindparam("done_task_id"),
+        task_attempts.c.lease_token == bindparam("done_token"),
+    )
+    .values(
+        outcome=bindparam("done_outcome"), error=bindparam("attempt_error"), finished_at=bindparam("done_at")
+    )
+)
+# Dependencies of a dependent that finish in the same batch are counted off together.
+_FINISHED_DEPENDENCIES = (
+    select(func.count())
+    .where(
+        task_dependencies.c.task_id == tasks.c.id,
+        task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)),
+    )
+    .scalar_subquery()
+)
+_BECOMES_READY = and_(
+    tasks.c.pending_dependencies == _FINISHED_DEPENDENCIES, tasks.c.status == TaskStatus.BLOCKED
+)
+RELEASE_DEPENDENTS = (
+    update(tasks)
+    .where(
+        tasks.c.id.in_(
+            select(task_dependencies.c.task_id)
+            .where(task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)))
+            .scalar_subquery()
+        )
+    )
+    .values(
+        pending_dependencies=tasks.c.pending_dependencies - _FINISHED_DEPENDENCIES,
+        status=case((_BECOMES_READY, TaskStatus.READY), else_=tasks.c.status),
+        available_at=case((_BECOMES_READY, bindparam("ready_at")), else_=tasks.c.available_at),
+    )
+    .returning(tasks.c.id, tasks.c.project_id, tasks.c.status)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DependencyOutput:
+    """The output of a finished task that a claimed task depends on."""
+
+    key: str
+    title: str
+    role: str
+    output: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a claimed task's prompt needs, read in the claim's transaction."""
+
+    project_status: str
+    brief: str
+    team: str
+    knowledge_base: str | None
+    # In plan order; a report task depends on every work task of its project.
+    dependencies: tuple[DependencyOutput, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +171,16 @@ class Lease:
     attempt: int
     max_attempts: int
     token: int
+    context: TaskContext | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedTask:
+    """A successful attempt to store: the task's output and the events that go with it."""
+
+    lease: Lease
+    output: str
+    events: Sequence[NewEvent] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,50 +198,41 @@ class TaskQueue:
         self.settings = settings
 
     async def claim(self, worker_id: str, limit: int) -> list[Lease]:
-        """Lease up to ``limit`` ready tasks, oldest first."""
+        """Lease up to ``limit`` ready tasks, oldest first, each with the context its prompt needs."""
         now = time.time()
-        # A materialized CTE runs the locking select exactly once. As an IN (subquery),
-        # PostgreSQL may evaluate it again per row, and with SKIP LOCKED every evaluation
-        # returns other rows, so one claim could take more than ``limit`` tasks.
-        candidates = (
-            select(tasks.c.id)
-            .where(tasks.c.status == TaskStatus.READY, tasks.c.available_at <= now)
-            .order_by(tasks.c.available_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("candidates")
-            .prefix_with("MATERIALIZED", dialect="postgresql")
-        )
         async with self.database.transaction() as connection:
             rows = (
                 await connection.execute(
-                    update(tasks)
-                    .where(tasks.c.id == candidates.c.id, tasks.c.status == TaskStatus.READY)
-                    .values(
-                        status=TaskStatus.RUNNING,
-                        lease_owner=worker_id,
-                        lease_token=tasks.c.lease_token + 1,
-                        lease_expires_at=now + self.settings.lease_seconds,
-                        attempts=tasks.c.attempts + 1,
-                        started_at=func.coalesce(tasks.c.started_at, utc_now()),
-                    )
-                    .returning(
-                        tasks.c.id,
-                        tasks.c.project_id,
-                        tasks.c.kind,
-                        tasks.c.key,
-                        tasks.c.title,
-                        tasks.c.description,
-                        tasks.c.role,
-                        tasks.c.attempts,
-                        tasks.c.max_attempts,
-                        tasks.c.lease_token,
-                    )
+                    CLAIM_TASKS,
+                    {
+                        "claim_limit": limit,
+                        "claim_now": now,
+                        "claim_worker": worker_id,
+                        "claim_expires_at": now + self.settings.lease_seconds,
+                        "claim_started_at": utc_now(),
+                    },
                 )
             ).all()
-            leases = [Lease(*row) for row in rows]
-            if leases:
-                await self._record_claims(connection, worker_id, leases)
+            if not rows:
+                return []
+            contexts = await _read_contexts(connection, rows)
+            leases = [
+                Lease(
+                    row.id,
+                    row.project_id,
+                    row.kind,
+                    row.key,
+                    row.title,
+                    row.description,
+                    row.role,
+                    row.attempts,
+                    row.max_attempts,
+                    row.lease_token,
+                    contexts[row.id],
+                )
+                for row in rows
+            ]
+            await self._record_claims(connection, worker_id, leases)
         return leases
 
     async def heartbeat(self, worker_id: str, held: dict[str, int]) -> set[str]:
@@ -242,36 +374,75 @@ class TaskQueue:
     async def complete(
         self, connection: AsyncConnection, lease: Lease, output: str, extra_events: Sequence[NewEvent] = ()
     ) -> bool:
-        """Store a task's output and release the tasks that waited for it.
+        """Store one task's output and release the tasks that waited for it; see ``complete_many``."""
+        [stored] = await self.complete_many(connection, [FinishedTask(lease, output, extra_events)])
+        return stored
 
-        ``extra_events`` are stored with the task's own, in one append. Returns False, and
-        changes nothing, when the lease is no longer held: the task was cancelled or its
-        lease expired and another worker took it over.
+    async def complete_many(
+        self, connection: AsyncConnection, finished: Sequence[FinishedTask]
+    ) -> list[bool]:
+        """Store the outputs of several tasks and release the tasks that waited for them.
+
+        The statements are the same for one task or a hundred. Each task's ``events`` are
+        stored after its ``task.completed`` event. Returns, per task, whether it was stored:
+        False, with nothing changed for that task, when its lease is no longer held because
+        the task was cancelled or its lease expired and another worker took it over.
         """
-        result = await connection.execute(
-            update(tasks)
-            .where(_held(lease.task_id, lease.token))
-            .values(
-                status=TaskStatus.COMPLETED,
-                output=output,
-                error=None,
-                finished_at=utc_now(),
-                lease_owner=None,
-                lease_expires_at=None,
-            )
+        if not finished:
+            return []
+        # Locking the rows first, in id order, makes the check and the writes below one
+        # atomic step: a sweep or cancel that runs meanwhile waits for this transaction.
+        locked = await connection.execute(
+            LOCK_RUNNING_TASKS, {"task_ids": sorted({item.lease.task_id for item in finished})}
         )
-        if not result.rowcount:
-            return False
+        tokens = dict(locked.all())
+        held = [item for item in finished if tokens.get(item.lease.task_id) == item.lease.token]
+        if held:
+            await self._store_completions(connection, held)
+        held_ids = {id(item) for item in held}
+        return [id(item) in held_ids for item in finished]
 
-        await _finish_attempt(connection, lease.task_id, lease.token, "completed", None)
-        released = await release_dependents(connection, lease.task_id)
-        await append_events(
-            connection,
-            lease.project_id,
-            [NewEvent("task.completed", {"key": lease.key, "role": lease.role}, lease.task_id), *extra_events]
-            + [NewEvent("task.ready", {}, task_id) for task_id in released],
+    async def _store_completions(self, connection: AsyncConnection, held: Sequence[FinishedTask]) -> None:
+        now = utc_now()
+        await connection.execute(
+            COMPLETE_TASK,
+            [
+                {
+                    "done_task_id": item.lease.task_id,
+                    "done_token": item.lease.token,
+                    "done_output": item.output,
+                    "done_at": now,
+                }
+                for item in held
+            ],
         )
-        return True
+        await connection.execute(
+            FINISH_ATTEMPT,
+            [
+                {
+                    "done_task_id": item.lease.task_id,
+                    "done_token": item.lease.token,
+                    "done_outcome": "completed",
+                    "attempt_error": None,
+                    "done_at": now,
+                }
+                for item in held
+            ],
+        )
+        released = await release_dependents_many(connection, [item.lease.task_id for item in held])
+
+        events_by_project: dict[str, list[NewEvent]] = {}
+        for item in held:
+            lease = item.lease
+            events_by_project.setdefault(lease.project_id, []).extend(
+                [
+                    NewEvent("task.completed", {"key": lease.key, "role": lease.role}, lease.task_id),
+                    *item.events,
+                ]
+            )
+        for task_id, project_id in released:
+            events_by_project.setdefault(project_id, []).append(NewEvent("task.ready", {}, task_id))
+        await append_events_many(connection, events_by_project)
 
     async def fail(
         self, connection: AsyncConnection, task_id: str, project_id: str, token: int, reason: str
@@ -361,29 +532,45 @@ class TaskQueue:
             for (project_id,) in started:
                 by_project[project_id].insert(0, NewEvent("project.planning"))
 
-        for project_id in sorted(by_project):  # a fixed order, so two claims never lock projects crosswise
-            await append_events(connection, project_id, by_project[project_id])
+        await append_events_many(connection, by_project)
 
 
-async def release_dependents(connection: AsyncConnection, task_id: str) -> list[str]:
-    """Count a finished dependency off its dependents; return the ids that became ready.
+async def release_dependents_many(
+    connection: AsyncConnection, task_ids: Sequence[str]
+) -> list[tuple[str, str]]:
+    """Count finished dependencies off their dependents; return (id, project id) of those that became ready.
 
     One statement does both: SQL evaluates every SET expression on the row as it was, so a
-    dependent whose last pending dependency this is sees ``pending_dependencies == 1``.
+    dependent whose last pending dependencies are among ``task_ids`` sees
+    ``pending_dependencies`` equal to the number of them.
     """
-    dependents = select(task_dependencies.c.task_id).where(task_dependencies.c.depends_on_id == task_id)
-    becomes_ready = and_(tasks.c.pending_dependencies == 1, tasks.c.status == TaskStatus.BLOCKED)
     rows = await connection.execute(
-        update(tasks)
-        .where(tasks.c.id.in_(dependents.scalar_subquery()))
-        .values(
-            pending_dependencies=tasks.c.pending_dependencies - 1,
-            status=case((becomes_ready, TaskStatus.READY), else_=tasks.c.status),
-            available_at=case((becomes_ready, time.time()), else_=tasks.c.available_at),
-        )
-        .returning(tasks.c.id, tasks.c.status)
+        RELEASE_DEPENDENTS, {"finished_ids": list(task_ids), "ready_at": time.time()}
     )
-    return [dependent for dependent, status in rows if status == TaskStatus.READY]
+    return [(dependent, project_id) for dependent, project_id, status in rows if status == TaskStatus.READY]
+
+
+async def _read_contexts(connection: AsyncConnection, claimed: Sequence[Row]) -> dict[str, TaskContext]:
+    """Read the project and the dependency outputs of every claimed task, in two statements."""
+    project_rows = await connection.execute(
+        READ_PROJECTS, {"project_ids": sorted({row.project_id for row in claimed})}
+    )
+    projects_by_id = {row.id: row for row in project_rows}
+    dependency_ids = sorted({dependency for row in claimed for dependency in row.depends_on or ()})
+    outputs: dict[str, DependencyOutput] = {}  # in plan order, the order prompts quote them in
+    if dependency_ids:
+        for row in await connection.execute(READ_OUTPUTS, {"dependency_ids": dependency_ids}):
+            outputs[row.id] = DependencyOutput(row.key, row.title, row.role, row.output)
+
+    contexts = {}
+    for row in claimed:
+        project = projects_by_id[row.project_id]
+        wanted = set(row.depends_on or ())
+        dependencies = tuple(output for task_id, output in outputs.items() if task_id in wanted)
+        contexts[row.id] = TaskContext(
+            project.status, project.brief, project.team, project.knowledge_base, dependencies
+        )
+    return contexts
 
 
 def _held(task_id: str, token: int):

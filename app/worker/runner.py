@@ -1,12 +1,15 @@
 """The worker's run loop: claim, execute concurrently, heartbeat, sweep, shut down cleanly.
 
-One worker process runs up to ``worker.concurrency`` tasks at once as asyncio tasks. Three
+One worker process runs up to ``worker.concurrency`` tasks at once as asyncio tasks. Four
 loops run beside them: claiming (woken when a slot frees up, or every poll interval),
-heartbeating every held lease in one statement, and sweeping expired leases of any worker.
+storing finished tasks in batches (``CompletionBatcher``), heartbeating every held lease in
+one statement, and sweeping expired leases of any worker. A task's slot frees up once its
+batch has committed.
 
 Shutdown (SIGTERM or ``stop()``) stops claiming at once, gives running tasks
-``shutdown_grace_seconds`` to finish, then cancels the rest and releases their leases
-without counting the attempt, so another worker picks them up straight away.
+``shutdown_grace_seconds`` to finish, stores every result already handed in, then cancels
+the rest and releases their leases without counting the attempt, so another worker picks
+them up straight away.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from app.core.config import Settings
 from app.db.engine import Database
 from app.errors import LLMError, LLMRateLimitError, PlanValidationError
 from app.knowledge.ingestion import DocumentIngestor
+from app.worker.completions import CompletionBatcher
 from app.worker.ingestion_loop import IngestionLoop
 from app.worker.queue import Lease
 
@@ -49,6 +53,9 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.ingestion = IngestionLoop(ingestor, settings, self.worker_id) if ingestor else None
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
+        self.completions = CompletionBatcher(
+            database, executor, self.settings, self.worker_id, running_tasks=lambda: len(self._running)
+        )
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.completed = 0
@@ -73,6 +80,7 @@ class Worker:
                 "concurrency": self.settings.concurrency,
             },
         )
+        self.completions.start()
         loops = [
             asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.worker_id}"),
             asyncio.create_task(self._sweep_loop(), name=f"sweeper-{self.worker_id}"),
@@ -85,6 +93,7 @@ class Worker:
             await self._claim_loop()
             await self._drain()
         finally:
+            await self.completions.close()
             for loop in loops:
                 loop.cancel()
             for loop in loops:
@@ -97,6 +106,9 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         while not self._stopping.is_set():
+            # The tasks of one stored batch finish together. Yielding once lets more of them
+            # free their slots first, so that one claim fills more slots.
+            await asyncio.sleep(0)
             # Cleared before the claim, so a wake-up that arrives while claiming is kept.
             self._wake.clear()
             free = self.settings.concurrency - len(self._running)
@@ -110,16 +122,17 @@ class Worker:
                         exc,
                         extra={"action": "worker.claim_failed", "worker_id": self.worker_id},
                     )
-                    await self._sleep(self.settings.poll_interval_seconds)
+                    await self._wait_for_work(self.settings.poll_interval_seconds)
                     continue
             for lease in claimed:
                 self._start(lease)
 
             if claimed and len(claimed) == free:
                 continue  # the queue may hold more; claim again as soon as a slot frees up
-            await self._sleep(self.settings.poll_interval_seconds)
+            await self._wait_for_work(self.settings.poll_interval_seconds)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _wait_for_work(self, seconds: float) -> None:
+        """Wait until a slot frees up, ``wake()`` is called or ``seconds`` pass."""
         with suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
@@ -189,8 +202,7 @@ class Worker:
                 await self._fail(execution, f"{type(exc).__name__}: {exc}")
             return
 
-        async with self.database.transaction() as connection:
-            stored = await self.executor.store(connection, execution)
+        stored = await self.completions.store(execution)
         if stored:
             self.completed += 1
             logger.info("task completed", extra={"action": "task.completed", **ids})
@@ -293,6 +305,8 @@ class Worker:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
 
     async def _drain(self) -> None:
+        # Results that arrive from now on are stored at once instead of waiting for a batch.
+        self.completions.flush_now()
         if not self._running:
             return
         pending = [task for _, task in self._running.values()]
@@ -302,10 +316,15 @@ class Worker:
         )
         await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
 
-        for lease, task in list(self._running.values()):
+        unfinished = list(self._running.values())
+        for _, task in unfinished:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+        # A cancelled task may have handed in its result already: store it before the
+        # leases are released, so that a finished result is kept rather than redone.
+        await self.completions.close()
+        for lease, _ in unfinished:
             if await self.queue.release(lease):
                 logger.info(
                     "lease released at shutdown",

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select, update
 
 from app.db import projects as store
-from app.db.models import projects, task_attempts, tasks
+from app.db.models import events, projects, task_attempts, tasks
 from app.db.states import ProjectStatus, TaskStatus
 from tests.integration.helpers import start_runtime, submit
 
@@ -187,3 +187,46 @@ async def test_claim_never_exceeds_limit(runtime):
     sizes = [len(await runtime.queue.claim("worker-a", limit)) for limit in (1, 3, 5)]
 
     assert sizes == [1, 3, 5]
+
+
+async def test_batch_releases_shared_dependent_once(runtime):
+    from app.agent.planning import PlannedTask
+    from app.worker.queue import FinishedTask
+
+    project_id = await submit(runtime)
+    [plan_lease] = await runtime.queue.claim("worker-a", 1)
+    planned = [
+        PlannedTask(id="A", title="A", role="developer"),
+        PlannedTask(id="B", title="B", role="developer"),
+        PlannedTask(id="C", title="C", role="qa_engineer", depends_on=["A", "B"]),
+    ]
+    async with runtime.database.transaction() as connection:
+        assert await runtime.queue.complete(connection, plan_lease, "{}")
+        await store.insert_plan(connection, project_id, planned, "project_manager", 3)
+    first, second = sorted(await runtime.queue.claim("worker-a", 10), key=lambda lease: lease.key)
+
+    async with runtime.database.transaction() as connection:
+        stored = await runtime.queue.complete_many(
+            connection, [FinishedTask(first, "a"), FinishedTask(second, "b")]
+        )
+    [third] = await runtime.queue.claim("worker-a", 10)
+
+    assert stored == [True, True]
+    assert third.key == "C"
+    assert [output.output for output in third.context.dependencies] == ["a", "b"]
+    async with runtime.database.read() as connection:
+        ready_events = (
+            await connection.execute(
+                select(events.c.task_id).where(
+                    events.c.project_id == project_id, events.c.type == "task.ready"
+                )
+            )
+        ).all()
+        sequence = [
+            row.seq
+            for row in await connection.execute(
+                select(events.c.seq).where(events.c.project_id == project_id).order_by(events.c.seq)
+            )
+        ]
+    assert [row.task_id for row in ready_events].count(third.task_id) == 1
+    assert sequence == list(range(1, len(sequence) + 1))
