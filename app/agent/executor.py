@@ -10,6 +10,7 @@ that each lease is still held.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ from app.llm.registry import ProviderRegistry
 from app.worker.queue import DependencyOutput, FinishedTask, Lease, TaskContext, TaskQueue
 
 logger = logging.getLogger(__name__)
+
+# How long a worker uses a team it read before reading it again.
+TEAM_REFRESH_SECONDS = 10.0
 
 
 class ProjectClosedError(Exception):
@@ -78,7 +82,7 @@ class TaskExecutor:
         self.cache = cache
         self.settings = settings
         self.knowledge = knowledge
-        self._teams: dict[str, dict[str, RoleSpec]] = {}
+        self._teams: dict[str, tuple[float, dict[str, RoleSpec]]] = {}
 
     async def execute(self, execution: Execution) -> None:
         """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure.
@@ -115,22 +119,28 @@ class TaskExecutor:
         execution.output = completion.text
 
     async def _team(self, name: str) -> dict[str, RoleSpec]:
-        team = self._teams.get(name)
-        if team is None:
-            # Teams are stored at start-up from the configuration and do not change while
-            # the process runs, so one read per team is enough.
-            async with self.database.read() as connection:
-                team = self._teams[name] = await load_team(connection, name)
+        # Every process stores its configured team at start-up, so a restarted API instance
+        # may change the stored roles while this worker runs. Reading the team once per
+        # TEAM_REFRESH_SECONDS picks that up without a read per task.
+        cached = self._teams.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < TEAM_REFRESH_SECONDS:
+            return cached[1]
+        async with self.database.read() as connection:
+            team = await load_team(connection, name)
+        self._teams[name] = (now, team)
         return team
 
     async def _retrieve(
         self, execution: Execution, context: TaskContext, lease: Lease
     ) -> list[prompts.Passage]:
-        """Find the knowledge-base passages most relevant to this task and the brief."""
+        """Find the knowledge-base passages most relevant to this task."""
         top_k = self.settings.knowledge.task_top_k
         if not context.knowledge_base or top_k == 0:
             return []
-        question = f"{lease.title}\n{lease.description}\n\n{context.brief[:1000]}"
+        # A plan's task description names its part of the brief. Adding the brief itself
+        # would make every task's query match the brief's opening instead.
+        question = f"{lease.title}. {lease.description}"
         if lease.kind == TaskKind.REPORT:
             question = context.brief[:2000]
         found = await self.knowledge.query(context.knowledge_base, question, top_k)

@@ -24,7 +24,7 @@ from contextlib import suppress
 from app.agent.executor import Execution, ProjectClosedError, TaskExecutor
 from app.core.config import Settings
 from app.db.engine import Database
-from app.errors import LLMError, LLMRateLimitError, PlanValidationError
+from app.errors import ConfigError, LLMError, LLMRateLimitError, PlanValidationError
 from app.knowledge.ingestion import DocumentIngestor
 from app.worker.completions import CompletionBatcher
 from app.worker.ingestion_loop import IngestionLoop
@@ -182,6 +182,10 @@ class Worker:
             return
         except PlanValidationError as exc:
             await self._fail(execution, str(exc))
+            return
+        except ConfigError as exc:
+            # A role naming a provider this worker does not configure: retrying cannot help.
+            await self._fail(execution, f"ConfigError: {exc}")
             return
         except LLMError as exc:
             if exc.retryable and lease.attempt < lease.max_attempts:

@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 import pytest
 
+from app.agent import executor as executor_module
+from app.agent.team import PROJECT_MANAGER
 from app.db import projects as store
+from app.db.models import roles
 from app.db.states import ProjectStatus
 from app.errors import LLMRequestError, LLMServerError
 from app.llm.base import Completion, CompletionRequest
@@ -139,6 +142,34 @@ async def test_permanent_error_fails_project_at_once(runtime):
     async with runtime.database.read() as connection:
         statuses = {row.status for row in await store.list_tasks(connection, project.id)}
     assert statuses <= {"completed", "failed", "cancelled"}
+
+
+async def test_unknown_provider_fails_at_once(runtime):
+    """A role whose provider this worker does not configure fails on its first attempt."""
+    async with runtime.database.transaction() as connection:
+        await connection.execute(
+            roles.update().where(roles.c.name == PROJECT_MANAGER).values(provider="vllm")
+        )
+
+    project = await run_project(runtime)
+
+    assert project.status == ProjectStatus.FAILED
+    assert "failed on attempt 1: ConfigError: unknown LLM provider 'vllm'" in project.error
+
+
+async def test_worker_reads_a_changed_team(runtime, monkeypatch):
+    """A team stored again by another process reaches a running worker's next tasks."""
+    monkeypatch.setattr(executor_module, "TEAM_REFRESH_SECONDS", 0.0)
+    assert (await run_project(runtime)).status == ProjectStatus.COMPLETED
+
+    async with runtime.database.transaction() as connection:
+        await connection.execute(
+            roles.update().where(roles.c.name == PROJECT_MANAGER).values(provider="vllm")
+        )
+
+    project = await run_project(runtime)
+    assert project.status == ProjectStatus.FAILED
+    assert "unknown LLM provider 'vllm'" in project.error
 
 
 async def test_exhausted_retries_fail_with_reason(runtime):
