@@ -3,6 +3,7 @@
 # end-to-end tests, each database test on SQLite and on the PostgreSQL server at
 # 127.0.0.1:5432 (override with TAT_TEST_POSTGRES_URL). Arguments go to pytest.
 source "$(dirname "$0")/bootstrap.sh" test
+./scripts/install_test_tools.sh
 
 postgres_url="${TAT_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/postgres}"
 if ! .venv/bin/python - "$postgres_url" <<'PYTHON'
