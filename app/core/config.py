@@ -247,7 +247,10 @@ class LoadBalancerSettings(Section):
     strategy: Literal["least_conn", "round_robin"] = "least_conn"
     health_check_interval_seconds: float = Field(2.0, gt=0)
     health_check_timeout_seconds: float = Field(1.0, gt=0)
-    max_failures: int = Field(3, ge=1, description="Consecutive failures that eject an instance")
+    health_check_failures: int = Field(
+        2, ge=1, description="Consecutive failed probes that eject an instance"
+    )
+    max_failures: int = Field(3, ge=1, description="Consecutive failed requests that eject an instance")
     slow_start_seconds: float = Field(10.0, ge=0, description="Ramp of a re-admitted instance's share")
     retries: int = Field(2, ge=0, le=10, description="Other instances tried after a failed attempt")
     max_connections: int = Field(1000, ge=1, description="Client connections and requests at once")

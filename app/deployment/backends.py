@@ -1,10 +1,10 @@
 """API instances behind the load balancer: their state, ejection, slow start and selection.
 
-An instance is ejected after ``max_failures`` consecutive failures, counted from failed
-proxied requests (passive checks) and failed ``GET /health`` probes (active checks). Only a
-passing active check re-admits it. A re-admitted instance then gets a growing share of new
-requests: its weight rises linearly from ``MIN_WEIGHT`` to 1 over ``slow_start_seconds``, so
-a cold instance is not handed a full share at once.
+An instance is ejected after ``max_failures`` consecutive failed requests (passive checks)
+or after ``health_check_failures`` consecutive failed ``GET /health`` probes (active checks,
+in ``app.deployment.health``). Only a passing probe re-admits it. A re-admitted instance
+then gets a growing share of new requests: its weight rises linearly from ``MIN_WEIGHT`` to
+1 over ``slow_start_seconds``, so a cold instance is not handed a full share at once.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class BackendPool:
         backend.consecutive_failures = 0
 
     def record_failure(self, backend: Backend, reason: str) -> None:
-        """Count a failed request or probe; eject the backend when the count reaches ``max_failures``."""
+        """Count a failed request; eject the backend when the count reaches ``max_failures``."""
         backend.consecutive_failures += 1
         if backend.ejected or backend.consecutive_failures < self.max_failures:
             return

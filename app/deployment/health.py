@@ -13,12 +13,20 @@ logger = logging.getLogger(__name__)
 
 
 class HealthChecker:
-    """Probe every backend; failures count toward ejection, and a pass re-admits an ejected one."""
+    """Probe every backend: ``failures_to_eject`` failed probes in a row eject it, and a pass re-admits it."""
 
-    def __init__(self, pool: BackendPool, client: aiohttp.ClientSession, interval_seconds: float) -> None:
+    def __init__(
+        self,
+        pool: BackendPool,
+        client: aiohttp.ClientSession,
+        interval_seconds: float,
+        failures_to_eject: int,
+    ) -> None:
         self.pool = pool
         self.client = client
         self.interval_seconds = interval_seconds
+        self.failures_to_eject = failures_to_eject
+        self.failed_probes: dict[Backend, int] = {}
 
     async def probe(self, backend: Backend) -> str | None:
         """Return None when the backend answers 200, otherwise the reason it failed."""
@@ -40,14 +48,13 @@ class HealthChecker:
         reasons = await asyncio.gather(*(self.probe(backend) for backend in self.pool.backends))
         for backend, reason in zip(self.pool.backends, reasons, strict=True):
             if reason is None:
+                self.failed_probes[backend] = 0
                 if backend.ejected:
                     self.pool.readmit(backend)
-                else:
-                    self.pool.record_success(backend)
-            elif initial:
+                continue
+            self.failed_probes[backend] = self.failed_probes.get(backend, 0) + 1
+            if initial or self.failed_probes[backend] >= self.failures_to_eject:
                 self.pool.eject(backend, reason)
-            else:
-                self.pool.record_failure(backend, reason)
 
     async def run(self) -> None:
         """Check every ``interval_seconds`` until cancelled."""

@@ -151,7 +151,12 @@ class LoadBalancer:
         self._health_client = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=settings.health_check_timeout_seconds), trust_env=False
         )
-        checker = HealthChecker(self.pool, self._health_client, settings.health_check_interval_seconds)
+        checker = HealthChecker(
+            self.pool,
+            self._health_client,
+            settings.health_check_interval_seconds,
+            settings.health_check_failures,
+        )
         await checker.check_once(initial=True)
         self._health_task = asyncio.create_task(checker.run(), name="lb-health-checks")
         logger.info(

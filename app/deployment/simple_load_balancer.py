@@ -102,8 +102,9 @@ def run(settings: LoadBalancerSettings, max_body_bytes: int) -> None:
         # The balancer is the edge: X-Forwarded-For from a client is extended, never trusted
         # as the client's address.
         proxy_headers=False,
-        # uvicorn answers 503 to connections beyond this count.
-        limit_concurrency=settings.max_connections,
+        # uvicorn answers 503 to a request that arrives when the open connections, counting
+        # its own, reach limit_concurrency: + 1 admits exactly max_connections.
+        limit_concurrency=settings.max_connections + 1,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         # The instance's own Server and Date headers pass through.
         server_header=False,
