@@ -29,7 +29,7 @@ class HealthChecker:
         self.failed_probes: dict[Backend, int] = {}
 
     async def probe(self, backend: Backend) -> str | None:
-        """Return None when the backend answers 200, otherwise the reason it failed."""
+        """Return None when the backend responds with 200, otherwise the reason it failed."""
         try:
             async with self.client.get(f"{backend.base_url}/health", allow_redirects=False) as response:
                 await response.read()

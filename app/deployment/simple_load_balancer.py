@@ -102,8 +102,8 @@ def run(settings: LoadBalancerSettings, max_body_bytes: int) -> None:
         # The balancer is the edge: X-Forwarded-For from a client is extended, never trusted
         # as the client's address.
         proxy_headers=False,
-        # uvicorn answers 503 to a request that arrives when the open connections, counting
-        # its own, reach limit_concurrency: + 1 admits exactly max_connections.
+        # uvicorn responds with 503 when the open connections, counting the new one, reach
+        # limit_concurrency, so + 1 admits exactly max_connections.
         limit_concurrency=settings.max_connections + 1,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         # The instance's own Server and Date headers pass through.
