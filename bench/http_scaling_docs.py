@@ -23,6 +23,8 @@ def ratios(measurements: list[dict[str, Any]]) -> dict[str, float]:
         "balancer_over_nginx": rate[("load_balancer", 3)] / rate[("nginx", 3)],
         "balancer_over_nginx_bare": rate[("load_balancer_bare", 0)] / rate[("nginx_bare", 0)],
         "instance_over_bare": rate[("direct", 1)] / rate[("bare", 0)],
+        "balancer_scaling": rate[("load_balancer", 3)] / rate[("load_balancer", 1)],
+        "nginx_scaling": rate[("nginx", 3)] / rate[("nginx", 1)],
     }
 
 
@@ -101,6 +103,11 @@ def render_section(results: dict[str, Any], plot_name: str) -> str:
                 ],
             ],
         ),
+        "",
+        f"Over 3 instances the load balancer served {found['balancer_scaling']:.2f} times and nginx "
+        f"{found['nginx_scaling']:.2f} times what they served over 1. Instances, PostgreSQL, the fronts "
+        f"and wrk share the same {machine['cpus']} cores here, so an added instance adds no CPU: these "
+        "numbers show what the fronts cost, not what instances on more machines would add.",
         "",
         "The read target is set for a cached read of a finished project. This branch measures the "
         "uncached read: each request runs three SQL statements (the project, its tasks, its token "
