@@ -257,6 +257,9 @@ class LoadBalancer:
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # No connection was opened, or none was free in time: nothing reached the instance.
+                # NOTE: aiohttp raises the same error when all backend_max_connections pooled
+                # connections stay busy past connect_timeout_seconds, so a saturated but healthy
+                # instance also counts toward its ejection.
                 self._count_failure(backend, method, request_id, exc)
                 return "not_sent"
             except (aiohttp.ClientError, TimeoutError) as exc:
