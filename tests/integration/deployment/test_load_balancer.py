@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.balancers import BalancerProcess
+from tests.e2e.balancers import BalancerProcess, NginxProcess
 from tests.e2e.processes import BASE_SETTINGS, port_in_test_range, wait_until
 from tests.integration.deployment.scripted_backends import DroppingBackend, ScriptedBackend
 
@@ -269,4 +269,40 @@ def test_connection_limit_and_graceful_shutdown(tmp_path: Path) -> None:
         assert balancer.records("lb.stopped")
     finally:
         stop(balancer)
+        backend.stop()
+
+
+def test_nginx_streams_events_and_limits_body(tmp_path: Path) -> None:
+    backend = ScriptedBackend("behind-nginx", port_in_test_range())
+    backend.start()
+    config_dir = tmp_path / "empty-config"
+    config_dir.mkdir()
+    nginx = NginxProcess(
+        "nginx", [backend.address], port_in_test_range(), balancer_environment(config_dir), tmp_path
+    )
+    try:
+        nginx.wait_serving(timeout=120)  # run_nginx.sh may install nginx first
+        with nginx.client(timeout=30) as client:
+            echoed = client.get("/echo", headers={"X-Request-ID": "nginx-1"}).json()["headers"]
+            too_large = client.post("/echo", content=b"x" * (MAX_BODY_BYTES + 1))
+
+            with client.stream("GET", "/events") as response:
+                lines = response.iter_lines()
+                assert next(lines) == "id: 1"
+                assert next(lines) == "data: first"
+                # The first event arrived while the backend still holds the second one back.
+                assert backend.events_sent == 1
+                backend.release.set()
+                remaining = list(lines)
+
+        assert echoed["x-request-id"] == "nginx-1"
+        assert echoed["x-real-ip"] == "127.0.0.1"
+        assert echoed["x-forwarded-for"] == "127.0.0.1"
+        assert echoed["x-forwarded-proto"] == "http"
+        # client_max_body_size follows api.max_body_bytes.
+        assert too_large.status_code == 413
+        assert "data: second" in remaining
+    finally:
+        nginx.terminate()
+        nginx.wait_exit(10)
         backend.stop()
