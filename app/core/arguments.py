@@ -16,3 +16,15 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port; use a number from 1 to 65535")
     return port
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """Parse ``host:port`` (``[v6-address]:port`` for IPv6); raises ValueError naming the fix."""
+    host, separator, port_text = text.strip().rpartition(":")
+    if not separator or not host:
+        raise ValueError(f"{text!r} is not host:port; write it like 127.0.0.1:8001")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} has no valid port; use a number from 1 to 65535 after the colon")
+    return host, int(port_text)

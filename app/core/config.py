@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from app.core.arguments import parse_address
 from app.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -335,6 +336,42 @@ class ApiSettings(Section):
     sse_keepalive_seconds: float = Field(15.0, gt=0)
 
 
+class LoadBalancerSettings(Section):
+    """The local load balancer, ``python -m app.deployment.simple_load_balancer``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    backends: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"],
+        description="API instances as host:port",
+    )
+    strategy: Literal["least_conn", "round_robin"] = "least_conn"
+    health_check_interval_seconds: float = Field(2.0, gt=0)
+    health_check_timeout_seconds: float = Field(1.0, gt=0)
+    health_check_failures: int = Field(
+        2, ge=1, description="Consecutive failed probes that eject an instance"
+    )
+    max_failures: int = Field(3, ge=1, description="Consecutive failed requests that eject an instance")
+    slow_start_seconds: float = Field(10.0, ge=0, description="Ramp of a re-admitted instance's share")
+    retries: int = Field(2, ge=0, le=10, description="Other instances tried after a failed attempt")
+    max_connections: int = Field(1000, ge=1, description="Client connections and requests at once")
+    backend_max_connections: int = Field(100, ge=1, description="Pooled connections to one instance")
+    connect_timeout_seconds: float = Field(2.0, gt=0)
+    read_timeout_seconds: float = Field(60.0, gt=0, description="Longest wait for each chunk of a response")
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def backends_are_addresses(self) -> LoadBalancerSettings:
+        if not self.backends:
+            raise ValueError("load_balancer.backends is empty; list the API instances as host:port")
+        for backend in self.backends:
+            try:
+                parse_address(backend)
+            except ValueError as exc:
+                raise ValueError(f"load_balancer.backends: {exc}") from None
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -359,6 +396,7 @@ class Settings(BaseSettings):
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     vector_db: VectorDbSettings = Field(default_factory=VectorDbSettings)
+    load_balancer: LoadBalancerSettings = Field(default_factory=LoadBalancerSettings)
 
     @classmethod
     def settings_customise_sources(

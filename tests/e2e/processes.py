@@ -83,6 +83,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Servers that other processes must find at a known address (load balancers, nginx and
+# the API instances behind them) take ports from this range, which TAT_TEST_PORT_RANGE
+# overrides as FIRST-LAST.
+TEST_PORT_RANGE = os.environ.get("TAT_TEST_PORT_RANGE", "18000-18099")
+_ports_handed_out: set[int] = set()
+
+
+def port_in_test_range() -> int:
+    """Return a port of TEST_PORT_RANGE that is free now and was not returned before."""
+    first, _, last = TEST_PORT_RANGE.partition("-")
+    for port in range(int(first), int(last) + 1):
+        if port in _ports_handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port left in TAT_TEST_PORT_RANGE={TEST_PORT_RANGE}; widen the range")
+
+
 def _die_with_parent() -> None:
     # Runs in the child before exec. On Linux it asks the kernel to send SIGKILL to the child
     # when the test process dies, so a test runner killed mid-test leaves no server behind.
@@ -180,8 +203,10 @@ class ServiceProcess:
 class ApiProcess(ServiceProcess):
     """``python deploy.py --port PORT --no-migrate``, listening on 127.0.0.1."""
 
-    def __init__(self, name: str, environment: Mapping[str, str], log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(
+        self, name: str, environment: Mapping[str, str], log_path: Path, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         arguments = [PYTHON, "deploy.py", "--host", "127.0.0.1", "--port", str(self.port), "--no-migrate"]
         super().__init__(name, arguments, environment, log_path)
@@ -261,10 +286,10 @@ class Deployment:
                 f"migrate exited with code {completed.returncode}\n{log_path.read_text(errors='replace')}"
             )
 
-    def launch_api(self, settings: Mapping[str, str] | None = None) -> ApiProcess:
+    def launch_api(self, settings: Mapping[str, str] | None = None, port: int | None = None) -> ApiProcess:
         """Start an API instance without waiting for it; call ``wait_ready()`` next."""
         name = f"api-{len(self.processes)}"
-        api = ApiProcess(name, self.environment(settings), self.directory / f"{name}.log")
+        api = ApiProcess(name, self.environment(settings), self.directory / f"{name}.log", port)
         self.processes.append(api)
         return api
 

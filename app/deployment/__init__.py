@@ -1,0 +1,1 @@
+"""Deployment tools: the local load balancer and the nginx launcher."""

@@ -1,0 +1,146 @@
+"""Balance HTTP requests over several API instances, for development and tests.
+
+    python -m app.deployment.simple_load_balancer --backends 127.0.0.1:8001,127.0.0.1:8002 --port 8000
+
+Options override ``load_balancer.*`` in the configuration. See ``app.deployment.proxy`` for
+what is retried and how responses are streamed, and ``app.deployment.backends`` for
+ejection and slow start. Production deployments use nginx or a Kubernetes ingress instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import socket
+import sys
+
+import uvicorn
+
+from app.core.arguments import parse_address, port_number
+from app.core.config import LoadBalancerSettings, load_settings
+from app.core.logging import configure_logging
+from app.deployment.backends import STRATEGIES
+from app.deployment.proxy import LoadBalancer
+from app.errors import TorontoAIError
+
+logger = logging.getLogger(__name__)
+
+
+def backend_list(text: str) -> list[str]:
+    """Parse ``--backends``: comma-separated host:port entries, each listed once."""
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if not entries:
+        raise argparse.ArgumentTypeError(
+            "no backend given; list API instances like 127.0.0.1:8001,127.0.0.1:8002"
+        )
+    seen: set[tuple[str, int]] = set()
+    for entry in entries:
+        try:
+            address = parse_address(entry)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if address in seen:
+            raise argparse.ArgumentTypeError(f"{entry!r} is listed twice; list each API instance once")
+        seen.add(address)
+    return entries
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.deployment.simple_load_balancer",
+        description=(
+            "Balance HTTP requests over several API instances (a development tool; use nginx in production)."
+        ),
+    )
+    parser.add_argument(
+        "--backends",
+        type=backend_list,
+        help="comma-separated API instances as host:port (default: load_balancer.backends, "
+        "127.0.0.1:8001,127.0.0.1:8002,127.0.0.1:8003)",
+    )
+    parser.add_argument(
+        "--port", type=port_number, help="TCP port to listen on (default: load_balancer.port, 8000)"
+    )
+    parser.add_argument("--host", help="address to bind (default: load_balancer.host, 127.0.0.1)")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="how an instance is chosen (default: load_balancer.strategy, least_conn)",
+    )
+    arguments = parser.parse_args(argv)
+    if arguments.port == 0:
+        parser.error("--port 0 is not allowed; give the port clients will connect to, from 1 to 65535")
+    return arguments
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the listening socket before uvicorn starts, so that a taken port is one clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        hint = (
+            "stop the process that uses it or pass another --port"
+            if exc.errno == errno.EADDRINUSE
+            else "check --host and --port"
+        )
+        raise TorontoAIError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from exc
+    return sock
+
+
+def run(settings: LoadBalancerSettings, max_body_bytes: int) -> None:
+    """Serve until SIGINT or SIGTERM, then let requests in flight finish for ``shutdown_grace_seconds``."""
+    sock = bind_socket(settings.host, settings.port)
+    config = uvicorn.Config(
+        LoadBalancer(settings, max_body_bytes),
+        log_config=None,  # app.core.logging owns the handlers
+        lifespan="on",
+        # The balancer is the edge: X-Forwarded-For from a client is extended, never trusted
+        # as the client's address.
+        proxy_headers=False,
+        # uvicorn responds with 503 when the open connections, counting the new one, reach
+        # limit_concurrency, so + 1 admits exactly max_connections.
+        limit_concurrency=settings.max_connections + 1,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        # The instance's own Server and Date headers pass through.
+        server_header=False,
+        date_header=False,
+    )
+    logger.info(
+        "load balancer listening on %s:%d",
+        settings.host,
+        settings.port,
+        extra={"action": "lb.listening", "host": settings.host, "port": settings.port},
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = load_settings()
+        overrides = {
+            key: value
+            for key, value in (
+                ("backends", arguments.backends),
+                ("port", arguments.port),
+                ("host", arguments.host),
+                ("strategy", arguments.strategy),
+            )
+            if value is not None
+        }
+        balancer_settings = settings.load_balancer.model_copy(update=overrides)
+        configure_logging(settings.log_level, settings.log_format)
+        run(balancer_settings, settings.api.max_body_bytes)
+    except TorontoAIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
