@@ -132,3 +132,21 @@ def test_candidates_rotate_and_respect_position() -> None:
     assert picks == ["a", "c", "a", "c"]
     assert [replica.name for replica in after_write] == ["a"]
     assert replicas.candidates(WalPosition(101)) == []
+
+
+def test_example_database_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    example = json.loads(
+        (Path(__file__).parents[2] / "examples" / "config" / "database_config.json").read_text()
+    )
+    secret = tmp_path / "db_password"
+    secret.write_text("primary-password\n")
+    example["database"]["master"]["password_file"] = str(secret)
+    monkeypatch.setenv("TORONTO_DB_REPLICA_PASSWORD", "replica-password")
+
+    database = load_settings(
+        config_dir=write_database_config(tmp_path, example["database"]), environ={}
+    ).database
+
+    assert database.pgbouncer is True
+    assert database.read_replicas[0].resolved_password() == "replica-password"
+    assert make_url(database.sqlalchemy_url()).password == "primary-password"
