@@ -118,7 +118,13 @@ class ReplicaSet:
     async def run_checks(self, read_primary_position: Callable[[], Awaitable[WalPosition]]) -> None:
         """Check every replica each interval until cancelled."""
         while True:
-            await self.check(read_primary_position)
+            try:
+                await self.check(read_primary_position)
+            except Exception:  # noqa: BLE001 - the checks must outlive one unexpected failure
+                # Replicas keep their last state; a read that fails on one still hands over.
+                logger.exception(
+                    "checking the read replicas failed", extra={"action": "db.replica_check_failed"}
+                )
             await asyncio.sleep(self.check_interval_seconds)
 
     async def check(self, read_primary_position: Callable[[], Awaitable[WalPosition]]) -> None:
