@@ -75,7 +75,8 @@ def write_database_config(
             "replica_check_interval_seconds": 0.2,
             "replica_max_lag_seconds": 1.0,
             "replica_read_timeout_seconds": 1.0,
-            "connect_timeout_seconds": 2.0,
+            # Generous, so a check on a busy CI host does not take a healthy replica out.
+            "connect_timeout_seconds": 5.0,
             **settings,
         }
     }
