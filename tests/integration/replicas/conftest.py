@@ -57,16 +57,22 @@ def write_database_config(
     *,
     replicas: bool = True,
     replica_password: dict[str, str] | None = None,
+    replica_port: int | None = None,
     **settings: object,
 ) -> Path:
     """Write config/database_config.json under ``folder`` for the cluster and return ``folder``.
 
     Both endpoints read the password from the cluster's password file, unless
-    ``replica_password`` gives the replica's password keys.
+    ``replica_password`` gives the replica's password keys. The replica is the replica's
+    PgBouncer unless ``replica_port`` names another port.
     """
     endpoint = {"host": "127.0.0.1", "username": "toronto", "database": database}
     password = {"password_file": str(cluster.password_file)}
-    replica = {**endpoint, "port": cluster.ports.replica_bouncer, **(replica_password or password)}
+    replica = {
+        **endpoint,
+        "port": replica_port or cluster.ports.replica_bouncer,
+        **(replica_password or password),
+    }
     document = {
         "database": {
             "master": {**endpoint, "port": cluster.ports.primary_bouncer, **password},

@@ -258,3 +258,31 @@ async def test_stopped_replica_fails_no_request(
     replica_before = reads_on(cluster_api.replica.name)
     assert (await reader.get("/api/v1/projects")).status_code == 200
     assert reads_on(cluster_api.replica.name) == replica_before + 1
+
+
+async def test_refused_replica_is_skipped(
+    postgres_cluster: PostgresCluster, cluster_database: str, tmp_path: Path
+) -> None:
+    # Nothing listens on this port of the cluster's range, so every connection is refused.
+    closed_port = postgres_cluster.ports.replica_bouncer + 5
+    config = write_database_config(tmp_path, postgres_cluster, cluster_database, replica_port=closed_port)
+    settings = load_settings(config_dir=config, environ={"TORONTO_AI_ENV": "test"})
+    app = create_app(settings)
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    api = ClusterApi(app, app.state.runtime)
+    try:
+        client = api.client()
+        created = await client.post("/api/v1/projects", json={"brief": BRIEF})
+        fresh = api.client()
+        listed = await fresh.get("/api/v1/projects")
+
+        assert created.status_code == 202
+        assert listed.status_code == 200
+        assert [item["id"] for item in listed.json()["items"]] == [created.json()["id"]]
+        assert not api.replica.in_rotation
+        assert "ConnectionRefusedError" in api.replica.reason
+    finally:
+        for client in api.clients:
+            await client.aclose()
+        await lifespan.__aexit__(None, None, None)
