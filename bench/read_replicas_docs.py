@@ -89,6 +89,7 @@ def render_section(results: dict[str, Any], plot_name: str) -> str:
     load_start = " / ".join(str(value) for value in machine["load_average_at_start"])
     load_end = " / ".join(str(value) for value in machine["load_average_at_end"])
     source = results["source"]
+    changes = " with uncommitted changes in app/" if source["app_has_uncommitted_changes"] else ""
     return f"""## Read replicas and PgBouncer
 
 `bench/read_replicas.py` measures how many project reads per second one API instance
@@ -126,5 +127,5 @@ asyncpg {packages["asyncpg"]}. Load average {load_start} (1 / 5 / 15 min) at the
 
 Date: {results["started_at"]} to {results["finished_at"]} (UTC).
 
-Code: commit `{source["commit"]}`{" with uncommitted changes in app/" if source["app_has_uncommitted_changes"] else ""}.
+Code: commit `{source["commit"]}`{changes}.
 """

@@ -76,8 +76,8 @@ class ReadYourWritesMiddleware:
         try:
             position = await runtime.database.write_position()
         except REPLICA_ERRORS as exc:
-            # The write has committed, so the response still succeeds; without the position
-            # this client's next reads may go to a replica that has not replayed it.
+            # The write has committed, so the response still succeeds. Without the position,
+            # this client's next reads may go to a replica that has not replayed the write.
             logger.warning(
                 "cannot read the primary's WAL position after a write: %s",
                 describe_error(exc),

@@ -74,11 +74,11 @@ def replica_lag(name: str) -> float | None:
     return REGISTRY.get_sample_value("toronto_ai_database_replica_lag_seconds", {"replica": name})
 
 
-async def wait_for(condition: Callable[[], object], description: str, timeout: float = WAIT_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(condition: Callable[[], object], description: str, seconds: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {description}")
+            raise AssertionError(f"timed out after {seconds} s waiting for {description}")
         await asyncio.sleep(0.05)
 
 
