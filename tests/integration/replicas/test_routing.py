@@ -10,14 +10,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from app.api.app import create_app
 from app.api.consistency import POSITION_COOKIE, POSITION_HEADER
 from app.core.config import load_settings
-from app.db.engine import PRIMARY
+from app.db.engine import PRIMARY, Database
 from app.db.replicas import Replica, WalPosition
 from app.runtime import Runtime
 from tests.integration.helpers import FAST_WORKER
@@ -286,3 +289,40 @@ async def test_refused_replica_is_skipped(
         for client in api.clients:
             await client.aclose()
         await lifespan.__aexit__(None, None, None)
+
+
+async def test_pgbouncer_session_stays_clean(
+    postgres_cluster: PostgresCluster, cluster_database: str, tmp_path: Path
+) -> None:
+    config = write_database_config(
+        tmp_path, postgres_cluster, cluster_database, replicas=False, statement_timeout_ms=300
+    )
+    database = Database(load_settings(config_dir=config, environ={"TORONTO_AI_ENV": "test"}).database)
+    try:
+        async with database.read() as connection:
+            await connection.execute(text("SELECT 1"))
+            named_statements = await connection.scalar(text("SELECT count(*) FROM pg_prepared_statements"))
+            timeout_inside = await connection.scalar(text("SHOW statement_timeout"))
+        with pytest.raises(DBAPIError, match="statement timeout"):
+            async with database.read() as connection:
+                await connection.execute(text("SELECT pg_sleep(2)"))
+    finally:
+        await database.dispose()
+
+    # Another client of the same PgBouncer, which sets nothing, sees the server's default.
+    other = await asyncpg.connect(
+        host="127.0.0.1",
+        port=postgres_cluster.ports.primary_bouncer,
+        user="toronto",
+        password=postgres_cluster.app_password(),
+        database=cluster_database,
+        statement_cache_size=0,
+    )
+    try:
+        timeout_elsewhere = await other.fetchval("SHOW statement_timeout")
+    finally:
+        await other.close()
+
+    assert named_statements == 0
+    assert timeout_inside == "300ms"
+    assert timeout_elsewhere == "0"
