@@ -4,9 +4,9 @@ On a deployment with read replicas, the response to a successful write request (
 PATCH or DELETE with a 2xx status) carries the primary's WAL position, which covers the
 write. It is in the ``X-Toronto-AI-LSN`` header and in the ``toronto_ai_lsn`` cookie, which
 lives ``database.read_your_writes_seconds``. A later read that sends either back, to any
-instance, is answered only by a server that has replayed that position: a replica whose
+instance, goes only to a server that has replayed that position. That is a replica whose
 last check found it past the position, or else the primary. Clients that keep cookies
-(browsers, ``httpx.Client``) get this without doing anything; others copy the header.
+(browsers, ``httpx.Client``) get this without doing anything. Others copy the header.
 """
 
 from __future__ import annotations

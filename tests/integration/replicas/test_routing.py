@@ -309,7 +309,7 @@ async def test_pgbouncer_session_stays_clean(
     finally:
         await database.dispose()
 
-    # Another client of the same PgBouncer, which sets nothing, sees the server's default.
+    # Another client of the same PgBouncer, which sets nothing, gets the server's default.
     other = await asyncpg.connect(
         host="127.0.0.1",
         port=postgres_cluster.ports.primary_bouncer,
