@@ -42,10 +42,14 @@ class Runtime:
     notify_work: Callable[[], None] | None = None
 
     @classmethod
-    async def start(cls, settings: Settings, *, migrate: bool) -> Runtime:
-        """Connect, migrate (or check the schema), store the team and build the providers."""
+    async def start(cls, settings: Settings, *, migrate: bool, use_replicas: bool = False) -> Runtime:
+        """Connect, migrate (or check the schema), store the team and build the providers.
+
+        ``use_replicas`` connects to the configured read replicas and starts their health
+        checks; only API instances read from replicas.
+        """
         team = build_team(settings)
-        database = Database(settings.database)
+        database = Database(settings.database, use_replicas=use_replicas)
         try:
             if migrate:
                 await upgrade(database)
@@ -54,6 +58,7 @@ class Runtime:
                 await lock_startup(database, connection)
                 await sync_team(connection, team)
             providers = ProviderRegistry.from_settings(settings)
+            await database.start_replica_checks()
         except BaseException:
             await database.dispose()
             raise

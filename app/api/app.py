@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from app.api.consistency import ReadYourWritesMiddleware
 from app.api.deps import require_api_key
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings, migrate=migrate)
+        runtime = await Runtime.start(settings, migrate=migrate, use_replicas=True)
         app.state.runtime = runtime
         worker_task = None
         if embedded_worker:
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: boo
     app.include_router(health.metrics_router, dependencies=[Depends(require_api_key)])
     app.include_router(projects.router, dependencies=[Depends(require_api_key)])
     app.include_router(knowledge.router, dependencies=[Depends(require_api_key)])
+    app.add_middleware(ReadYourWritesMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app

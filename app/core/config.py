@@ -17,8 +17,10 @@ import difflib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -58,16 +60,54 @@ class Section(BaseModel):
 
 
 class DatabaseEndpoint(Section):
+    """One PostgreSQL server, or the PgBouncer in front of it.
+
+    The password comes from at most one of ``password``, ``password_env`` (the name of an
+    environment variable) and ``password_file`` (a file whose first line is the password).
+    """
+
     host: str = "127.0.0.1"
     port: int = Field(5432, ge=1, le=65535)
     username: str = "postgres"
     password: SecretStr | None = None
+    password_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the password"
+    )
     password_file: Path | None = Field(None, description="File whose first line is the password")
     database: str = "toronto_ai"
+
+    @model_validator(mode="after")
+    def one_password_source(self) -> DatabaseEndpoint:
+        sources = [
+            name
+            for name, value in (
+                ("password", self.password),
+                ("password_env", self.password_env),
+                ("password_file", self.password_file),
+            )
+            if value is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(
+                f"database endpoint {self.host}:{self.port} sets {' and '.join(sources)}; keep one of them"
+            )
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}/{self.database}"
 
     def resolved_password(self) -> str | None:
         if self.password is not None:
             return self.password.get_secret_value()
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ConfigError(
+                    f"database password_env of {self.address}: the environment variable "
+                    f"{self.password_env} is not set or empty; set it, or use password_file"
+                )
+            return value
         if self.password_file is not None:
             return read_secret_file(self.password_file, "database password_file")
         return None
@@ -87,6 +127,30 @@ class DatabaseSettings(Section):
     statement_timeout_ms: int = Field(30_000, ge=0, description="0 disables the timeout")
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
     echo: bool = False
+    pgbouncer: bool = Field(
+        False,
+        description="The endpoints are PgBouncer in transaction pooling mode: use unnamed prepared "
+        "statements and set the statement timeout per transaction",
+    )
+    replica_max_lag_seconds: float = Field(
+        5.0, gt=0, description="A replica further behind the primary is taken out of rotation"
+    )
+    replica_check_interval_seconds: float = Field(1.0, gt=0, le=300)
+    replica_read_timeout_seconds: float = Field(
+        3.0, gt=0, description="A read on a replica that takes longer is retried on the primary"
+    )
+    read_your_writes_seconds: float = Field(
+        300.0,
+        ge=1,
+        description="Lifetime of the cookie that sends a client's reads to servers that have its last write",
+    )
+
+    def __repr_args__(self):
+        # A URL may carry a password; repr() and logged settings show it masked.
+        for name, value in super().__repr_args__():
+            if name == "url" and value:
+                value = _mask_url_password(value)
+            yield name, value
 
     def sqlalchemy_url(self) -> str:
         if self.url:
@@ -94,10 +158,16 @@ class DatabaseSettings(Section):
         if self.master is None:
             return DEFAULT_SQLITE_URL
         password = self.master.resolved_password()
-        credentials = self.master.username + (f":{password}" if password else "")
+        credentials = quote(self.master.username, safe="") + (
+            f":{quote(password, safe='')}" if password else ""
+        )
         return (
             f"postgresql+asyncpg://{credentials}@{self.master.host}:{self.master.port}/{self.master.database}"
         )
+
+
+def _mask_url_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 class ProviderSettings(Section):
@@ -587,10 +657,10 @@ def _check_production_safety(settings: Settings) -> None:
             "database is a SQLite file; use PostgreSQL for several hosts",
             extra={"action": "config.sqlite_in_use", "env": settings.env},
         )
-    if settings.database.read_replicas:
-        logger.warning(
-            "database.read_replicas is set, but this version sends every read to the master",
-            extra={"action": "config.read_replicas_unused", "replicas": len(settings.database.read_replicas)},
+    if settings.database.read_replicas and settings.uses_sqlite:
+        raise ConfigError(
+            "database.read_replicas needs a PostgreSQL primary; set database.master or a postgresql:// "
+            "database.url, or remove the replicas"
         )
     if not settings.is_production:
         return

@@ -3,11 +3,16 @@ so every API instance reports the same, current queue."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, select
 
-from app.db.engine import Database
 from app.db.models import projects, tasks
+
+if TYPE_CHECKING:
+    # Imported for annotations only: app.db imports the replica metrics below.
+    from app.db.engine import Database
 
 HTTP_REQUEST_SECONDS = Histogram(
     "toronto_ai_http_request_seconds", "HTTP request duration in seconds", ["method", "path", "status"]
@@ -15,6 +20,19 @@ HTTP_REQUEST_SECONDS = Histogram(
 PROJECTS_CREATED = Counter("toronto_ai_projects_created_total", "Projects accepted by this instance")
 TASKS_BY_STATUS = Gauge("toronto_ai_tasks", "Tasks in the database by status", ["status"])
 PROJECTS_BY_STATUS = Gauge("toronto_ai_projects", "Projects in the database by status", ["status"])
+
+# Read replicas, labelled "host:port/database". The lag is NaN while a replica cannot be checked.
+REPLICA_LAG_SECONDS = Gauge(
+    "toronto_ai_database_replica_lag_seconds", "Seconds a read replica is behind the primary", ["replica"]
+)
+REPLICA_IN_ROTATION = Gauge(
+    "toronto_ai_database_replica_in_rotation", "1 while a read replica receives reads, else 0", ["replica"]
+)
+DATABASE_READS = Counter(
+    "toronto_ai_database_reads_total",
+    "Reads that tolerate staleness, by the server that answered: primary or a replica",
+    ["server"],
+)
 
 
 async def refresh_database_gauges(database: Database) -> None:

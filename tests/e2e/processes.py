@@ -201,14 +201,21 @@ class ServiceProcess:
 
 
 class ApiProcess(ServiceProcess):
-    """``python deploy.py --port PORT --no-migrate``, listening on 127.0.0.1."""
+    """``python deploy.py --port PORT --no-migrate`` (without ``--no-migrate`` when ``migrate``), on 127.0.0.1."""
 
     def __init__(
-        self, name: str, environment: Mapping[str, str], log_path: Path, port: int | None = None
+        self,
+        name: str,
+        environment: Mapping[str, str],
+        log_path: Path,
+        port: int | None = None,
+        migrate: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        arguments = [PYTHON, "deploy.py", "--host", "127.0.0.1", "--port", str(self.port), "--no-migrate"]
+        arguments = [PYTHON, "deploy.py", "--host", "127.0.0.1", "--port", str(self.port)]
+        if not migrate:
+            arguments.append("--no-migrate")
         super().__init__(name, arguments, environment, log_path)
 
     def client(self, timeout: float = 10.0) -> httpx.Client:
@@ -247,10 +254,11 @@ class WorkerProcess(ServiceProcess):
 class Deployment:
     """The processes of one test, all on one database, with their logs under ``directory``."""
 
-    def __init__(self, database_url: str, directory: Path) -> None:
+    def __init__(self, database_url: str | None, directory: Path, config_dir: Path | None = None) -> None:
+        """``database_url`` None leaves the database to the files in ``config_dir``."""
         self.database_url = database_url
         self.directory = directory
-        self.config_dir = directory / "empty-config"
+        self.config_dir = config_dir or directory / "empty-config"
         self.config_dir.mkdir(exist_ok=True)
         self.processes: list[ServiceProcess] = []
 
@@ -263,7 +271,8 @@ class Deployment:
         environment = {key: value for key, value in os.environ.items() if not key.startswith("TORONTO_AI_")}
         environment.update(BASE_SETTINGS)
         environment["TORONTO_AI_CONFIG_DIR"] = str(self.config_dir)
-        environment["TORONTO_AI_DATABASE__URL"] = self.database_url
+        if self.database_url is not None:
+            environment["TORONTO_AI_DATABASE__URL"] = self.database_url
         environment.update(settings or {})
         return environment
 
@@ -286,10 +295,12 @@ class Deployment:
                 f"migrate exited with code {completed.returncode}\n{log_path.read_text(errors='replace')}"
             )
 
-    def launch_api(self, settings: Mapping[str, str] | None = None, port: int | None = None) -> ApiProcess:
+    def launch_api(
+        self, settings: Mapping[str, str] | None = None, port: int | None = None, migrate: bool = False
+    ) -> ApiProcess:
         """Start an API instance without waiting for it; call ``wait_ready()`` next."""
         name = f"api-{len(self.processes)}"
-        api = ApiProcess(name, self.environment(settings), self.directory / f"{name}.log", port)
+        api = ApiProcess(name, self.environment(settings), self.directory / f"{name}.log", port, migrate)
         self.processes.append(api)
         return api
 

@@ -14,6 +14,7 @@ from sqlalchemy import case, func, select
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from app.agent.team import PROJECT_MANAGER, load_team
+from app.api.consistency import ReadAfterDep
 from app.api.deps import RuntimeDep
 from app.api.schemas import (
     OFFLINE_NOTICE,
@@ -35,7 +36,7 @@ from app.api.schemas import (
 )
 from app.db import projects as store
 from app.db.models import events, llm_calls, messages, projects
-from app.db.states import FINAL_PROJECT_STATUSES, ProjectStatus
+from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus
 from app.errors import NotFoundError
 from app.knowledge import repository as knowledge_repository
 from app.monitoring.metrics import PROJECTS_CREATED
@@ -89,16 +90,20 @@ async def create_project(body: ProjectCreate, runtime: RuntimeDep) -> ProjectAcc
 @router.get("", response_model=ProjectPage)
 async def list_projects(
     runtime: RuntimeDep,
+    read_after: ReadAfterDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
     status_filter: Annotated[ProjectStatus | None, Query(alias="status")] = None,
 ) -> ProjectPage:
-    """List projects, newest first."""
-    async with runtime.database.read() as connection:
-        try:
-            rows, next_cursor = await store.list_projects(connection, limit, cursor, status_filter)
-        except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cursor: {exc}") from exc
+    """List projects, newest first. Served by a read replica when one is in rotation."""
+
+    async def read_page(connection):
+        return await store.list_projects(connection, limit, cursor, status_filter)
+
+    try:
+        rows, next_cursor = await runtime.database.read_stale(read_page, after=read_after)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"cursor: {exc}") from exc
     items = [
         ProjectSummary(
             id=row.id,
@@ -114,21 +119,30 @@ async def list_projects(
 
 
 @router.get("/{project_id}", response_model=ProjectPublic)
-async def read_project(project_id: str, runtime: RuntimeDep) -> ProjectPublic:
-    async with runtime.database.read() as connection:
-        project = await store.get_project(connection, project_id)
-        task_rows = await store.list_tasks(connection, project_id)
-        usage = (
-            await connection.execute(
-                select(
-                    func.count(),
-                    func.coalesce(func.sum(llm_calls.c.prompt_tokens), 0),
-                    func.coalesce(func.sum(llm_calls.c.completion_tokens), 0),
-                    func.coalesce(func.sum(llm_calls.c.cost_usd), 0.0),
-                    func.coalesce(func.sum(case((llm_calls.c.cache_hit, 1), else_=0)), 0),
-                ).where(llm_calls.c.project_id == project_id)
-            )
-        ).one()
+async def read_project(project_id: str, runtime: RuntimeDep, read_after: ReadAfterDep) -> ProjectPublic:
+    """Read a project. A finished project may come from a read replica. One still changing
+    comes from the primary, so clients following it see each step at once."""
+    return await runtime.database.read_stale(
+        lambda connection: _load_project(connection, project_id),
+        after=read_after,
+        accept=lambda project: project.status in FINAL_PROJECT_STATUSES,
+    )
+
+
+async def _load_project(connection, project_id: str) -> ProjectPublic:
+    project = await store.get_project(connection, project_id)
+    task_rows = await store.list_tasks(connection, project_id)
+    usage = (
+        await connection.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(llm_calls.c.prompt_tokens), 0),
+                func.coalesce(func.sum(llm_calls.c.completion_tokens), 0),
+                func.coalesce(func.sum(llm_calls.c.cost_usd), 0.0),
+                func.coalesce(func.sum(case((llm_calls.c.cache_hit, 1), else_=0)), 0),
+            ).where(llm_calls.c.project_id == project_id)
+        )
+    ).one()
 
     return ProjectPublic(
         id=project.id,
@@ -164,19 +178,29 @@ async def cancel_project(project_id: str, runtime: RuntimeDep) -> ProjectAccepte
 
 
 @router.get("/{project_id}/tasks/{task_id}", response_model=TaskDetail)
-async def read_task(project_id: str, task_id: str, runtime: RuntimeDep) -> TaskDetail:
-    async with runtime.database.read() as connection:
-        task = await store.get_task(connection, project_id, task_id)
-        calls = await store.list_llm_calls(connection, task_id)
-        attempts = await store.list_attempts(connection, task_id)
-        sources = await store.list_task_sources(connection, task_id)
-        prompt = list(
-            await connection.execute(
-                select(messages.c.sender, messages.c.content)
-                .where(messages.c.task_id == task_id, messages.c.sender != "assistant")
-                .order_by(messages.c.id)
-            )
+async def read_task(
+    project_id: str, task_id: str, runtime: RuntimeDep, read_after: ReadAfterDep
+) -> TaskDetail:
+    """Read a task. A finished one may come from a read replica, one still open from the primary."""
+    return await runtime.database.read_stale(
+        lambda connection: _load_task(connection, project_id, task_id),
+        after=read_after,
+        accept=lambda task: task.status not in OPEN_TASK_STATUSES,
+    )
+
+
+async def _load_task(connection, project_id: str, task_id: str) -> TaskDetail:
+    task = await store.get_task(connection, project_id, task_id)
+    calls = await store.list_llm_calls(connection, task_id)
+    attempts = await store.list_attempts(connection, task_id)
+    sources = await store.list_task_sources(connection, task_id)
+    prompt = list(
+        await connection.execute(
+            select(messages.c.sender, messages.c.content)
+            .where(messages.c.task_id == task_id, messages.c.sender != "assistant")
+            .order_by(messages.c.id)
         )
+    )
 
     return TaskDetail(
         **_task_public(task).model_dump(),
@@ -243,6 +267,7 @@ async def read_events(
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     last_event_id: Annotated[str | None, Header()] = None,
+    read_after: ReadAfterDep = None,
 ):
     """Page through a project's events, or stream them with ``Accept: text/event-stream``.
 
@@ -253,8 +278,10 @@ async def read_events(
         await store.get_project(connection, project_id)
 
     if "text/event-stream" not in request.headers.get("accept", ""):
-        async with runtime.database.read() as connection:
-            rows = await _events_after(connection, project_id, after, limit)
+        # Events are only ever appended, so a replica's page is correct, if possibly shorter.
+        rows = await runtime.database.read_stale(
+            lambda connection: _events_after(connection, project_id, after, limit), after=read_after
+        )
         return EventPage(items=[_event_public(row) for row in rows], last_seq=rows[-1].seq if rows else after)
 
     start = after
