@@ -33,3 +33,23 @@ async def refresh_database_gauges(database: Database) -> None:
         TASKS_BY_STATUS.labels(status.value).set(task_counts.get(status.value, 0))
     for status in ProjectStatus:
         PROJECTS_BY_STATUS.labels(status.value).set(project_counts.get(status.value, 0))
+
+
+CACHE_REQUESTS = Counter(
+    "toronto_ai_cache_requests_total",
+    "Cache lookups by kind and result: hit, miss, error (the server failed) or bypass (server down)",
+    ["kind", "result"],
+)
+CACHE_SERVER_UP = Gauge(
+    "toronto_ai_cache_server_up",
+    "1 while a Redis server or cluster node answers this process, 0 during an outage",
+    ["role", "server"],
+)
+CACHE_OUTAGES = Counter(
+    "toronto_ai_cache_outages_total",
+    "Outages of a Redis server or cluster node seen by this process",
+    ["role", "server"],
+)
+SIGNALS_UP = Gauge(
+    "toronto_ai_signals_up", "1 while wake-up, cancel and event signals arrive through Redis, 0 while polling"
+)
