@@ -26,7 +26,10 @@ async def read_health() -> dict[str, str]:
 
 @router.get("/ready")
 async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
-    """Readiness: the database answers and its schema is the one this code expects."""
+    """Readiness: the database answers and its schema is the one this code expects.
+
+    The cache and signals are reported too, but their outage does not make the instance unready.
+    """
     checks: dict[str, str] = {}
     try:
         async with runtime.database.read() as connection:
@@ -40,6 +43,11 @@ async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
         checks["database"] = f"failed: {detail}"
 
     ready = all(value == "ok" for value in checks.values())
+    # A cache outage degrades the instance (lookups miss, signals fall back to polling) but
+    # every request still succeeds, so it is reported without making the instance unready.
+    cache_status = await runtime.shared_cache.check()
+    checks["cache"] = "ok" if cache_status == "ok" else f"degraded: {cache_status}"
+    checks["signals"] = "ok" if runtime.signals.working else "degraded: polling"
     return JSONResponse(
         status_code=status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE,
         content={"status": "ready" if ready else "not ready", "checks": checks},
