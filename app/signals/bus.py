@@ -241,6 +241,12 @@ class RedisTransport:
                 last_reply = time.monotonic()
                 self.outages.succeeded(server)
                 self._set_working(True)
+                logger.info(
+                    "signals subscribed on %s: %s",
+                    server,
+                    ", ".join(sorted(channel.value for channel in self._subscribed)),
+                    extra={"action": "signals.subscribed", "server": server},
+                )
 
             message = await pubsub.get_message(timeout=min(1.0, ping_interval))
             now = time.monotonic()
