@@ -68,6 +68,11 @@ class SignalBus:
         """Tell whether signals from other processes arrive now; callers poll faster when not."""
         return self.transport.working
 
+    @property
+    def degraded(self) -> bool:
+        """Tell whether signals should come through Redis but do not, so callers fall back to polling."""
+        return isinstance(self.transport, RedisTransport) and not self.transport.working
+
     def on(self, channel: Channel, handler: Handler) -> None:
         self._handlers.setdefault(channel, []).append(handler)
         self.transport.subscribe(channel)
@@ -127,7 +132,8 @@ class SignalBus:
 class LocalTransport:
     """Delivers signals to the handlers of this process only."""
 
-    working = True
+    # Signals of other processes never arrive, so callers keep polling at their usual pace.
+    working = False
 
     def __init__(self) -> None:
         self.deliver: Callable[[Channel, bytes], None] = lambda channel, payload: None

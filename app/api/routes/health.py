@@ -47,7 +47,7 @@ async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
     # every request still succeeds, so it is reported without making the instance unready.
     cache_status = await runtime.shared_cache.check()
     checks["cache"] = "ok" if cache_status == "ok" else f"degraded: {cache_status}"
-    checks["signals"] = "ok" if runtime.signals.working else "degraded: polling"
+    checks["signals"] = "degraded: polling" if runtime.signals.degraded else "ok"
     return JSONResponse(
         status_code=status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE,
         content={"status": "ready" if ready else "not ready", "checks": checks},
