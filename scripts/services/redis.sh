@@ -89,7 +89,7 @@ cluster_ok() {
 start_server() {
     local node_dir="$1" port="$2"
     if answers_ping "$port"; then
-        echo "error: a server already answers on 127.0.0.1:$port; stop it or choose another port" >&2
+        echo "error: a server already listens on 127.0.0.1:$port; stop it or choose another port" >&2
         exit 1
     fi
     redis-server "$node_dir/redis.conf"
@@ -133,8 +133,11 @@ case "$command" in
         nodes=()
         for port in "$@"; do
             check_port "$port"
-            write_config "$directory/$port" "$port" yes
-            start_server "$directory/$port" "$port"
+            # A node that answers already was started by an earlier, interrupted run.
+            if ! answers_ping "$port"; then
+                write_config "$directory/$port" "$port" yes
+                start_server "$directory/$port" "$port"
+            fi
             nodes+=("127.0.0.1:$port")
         done
         if ! cluster_ok "$1"; then

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,21 +24,29 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "services" / "redis.sh"
 PORT_BASE = int(os.environ.get("TAT_TEST_REDIS_PORT", "46300"))
 SCRIPT_TIMEOUT_SECONDS = 120
+# The default ports lie in Linux's ephemeral range (32768-60999), so a client connection of
+# any process may hold one for a moment; a start that finds its port taken is tried again.
+START_ATTEMPTS = 5
+START_RETRY_SECONDS = 2.0
 
 
 def run_script(*arguments: str) -> None:
-    completed = subprocess.run(
-        [str(SCRIPT), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=SCRIPT_TIMEOUT_SECONDS,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise AssertionError(
-            f"{SCRIPT.name} {' '.join(arguments)} exited with {completed.returncode}:\n"
-            f"{completed.stdout}{completed.stderr}"
+    for attempt in range(1, START_ATTEMPTS + 1):
+        completed = subprocess.run(
+            [str(SCRIPT), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT_SECONDS,
+            check=False,
         )
+        if completed.returncode == 0:
+            return
+        output = completed.stdout + completed.stderr
+        if "Address already in use" not in output or attempt == START_ATTEMPTS:
+            raise AssertionError(
+                f"{SCRIPT.name} {' '.join(arguments)} exited with {completed.returncode}:\n{output}"
+            )
+        time.sleep(START_RETRY_SECONDS)
 
 
 @dataclass
