@@ -1,4 +1,4 @@
-"""What every cache backend implements, and the kinds of entries the service caches."""
+"""The interface of cache backends, and the kinds of entries the service caches."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class CacheBackend(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def ping(self) -> None:
-        """Raise unless every server of the backend answers."""
+        """Raise unless every server of the backend replies."""
         ...
 
     async def aclose(self) -> None: ...

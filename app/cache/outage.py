@@ -4,7 +4,7 @@ A failed command marks its server down for ``retry_seconds``. Until then callers
 (the cache is bypassed, signals fall back to polling) without waiting on the network. The
 first command after the pause tries the server again, and a success ends the outage. An
 outage is logged when it starts, at most once per ``log_interval_seconds`` while it lasts,
-and when it ends; the metrics ``toronto_ai_cache_server_up`` and
+and when it ends. The metrics ``toronto_ai_cache_server_up`` and
 ``toronto_ai_cache_outages_total`` expose it.
 """
 

@@ -1,7 +1,7 @@
 """The Redis backends: one standalone server, or a Redis Cluster.
 
 Both clients use short socket timeouts and no client-side retries: a cache that does not
-answer at once is bypassed (see ``app.cache.outage``), which is cheaper than waiting.
+reply at once is bypassed (see ``app.cache.outage``), which is cheaper than waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from app.core.config import CacheNode, CachingSettings
 
-# What a failing server raises through redis-py: its own errors, socket errors, and the
+# The errors a failing server raises through redis-py: its own errors, socket errors, and the
 # TimeoutError of ``asyncio.timeout`` around each command.
 REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 

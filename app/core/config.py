@@ -169,7 +169,7 @@ class CachingSettings(Section):
     key_prefix: str = Field(
         "tat", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every key and channel"
     )
-    timeout_seconds: float = Field(0.25, gt=0, le=30, description="Longest wait for one Redis command")
+    timeout_seconds: float = Field(0.25, gt=0, le=30, description="Maximum wait for one Redis command")
     connect_timeout_seconds: float = Field(0.25, gt=0, le=30)
     retry_seconds: float = Field(2.0, gt=0, le=300, description="Pause before trying a failed server again")
     outage_log_interval_seconds: float = Field(

@@ -1,7 +1,7 @@
 """Cached model responses, in this process or shared through Redis.
 
 Only calls with temperature 0 are cached: with sampling, two identical requests are meant
-to give different answers. ``caching.disabled_roles`` turns caching off for some roles.
+to give different outputs. ``caching.disabled_roles`` turns caching off for some roles.
 Keys cover the provider, model, parameters and every message; the key version in
 ``app.cache.base`` changes when this layout does.
 """

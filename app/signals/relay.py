@@ -88,8 +88,8 @@ class CommitRelay:
 
     def _rolled_back(self, connection) -> None:
         # An invalidated connection (its driver call was cancelled or failed) raises on any
-        # access to ``info``, which would replace the error being handled; its changes are
-        # dropped at check-in instead.
+        # access to ``info``, and that error would replace the one being handled. Its changes
+        # are dropped at check-in instead.
         if connection.invalidated:
             return
         connection.info.pop(PENDING, None)

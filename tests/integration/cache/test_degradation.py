@@ -109,7 +109,7 @@ async def test_paused_server_times_out(redis_server, caplog, key_prefix):
     admin = Redis(host=redis_server.host, port=redis_server.port)
     try:
         await cache.set(CacheKind.KNOWLEDGE_QUERY, "question", b"answer")
-        # CLIENT PAUSE holds every client's commands, as a server stuck on a slow command would.
+        # CLIENT PAUSE delays every client's commands, as a server stuck on a slow command would.
         await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")
         assert await cache.get(CacheKind.KNOWLEDGE_QUERY, "question") is None
         [unavailable] = outage_records(caplog, "redis.unavailable")
