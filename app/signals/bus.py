@@ -174,16 +174,17 @@ class RedisTransport:
         self._publisher: Redis | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._closed = False
         SIGNALS_UP.set(0)
 
     def subscribe(self, channel: Channel) -> None:
         self._channels.add(channel)
-        if self._listener is None:
+        if self._listener is None and not self._closed:
             self._listener = asyncio.get_running_loop().create_task(self._listen(), name="signals-listener")
 
     def publish(self, channel: Channel, payload: bytes) -> None:
         server = self._server_name(self._publisher_index)
-        if not self.outages.should_try(server):
+        if self._closed or not self.outages.should_try(server):
             return
         task = asyncio.get_running_loop().create_task(self._publish(channel, payload, server))
         self._pending.add(task)
@@ -278,6 +279,7 @@ class RedisTransport:
         return f"{host}:{port}"
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._listener is not None:
             self._listener.cancel()
             with suppress(asyncio.CancelledError):

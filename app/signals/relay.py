@@ -68,7 +68,11 @@ class CommitRelay:
         table = statement.table
         if table is not events and table is not llm_calls:
             return
-        rows = multiparams or [params]
+        # Rows given as parameters; an INSERT with inline VALUES has none and is not relayed,
+        # which only delays its readers until they poll.
+        rows = [row for row in (multiparams or [params]) if isinstance(row, dict) and "project_id" in row]
+        if not rows:
+            return
         changes = connection.info.get(PENDING)
         if changes is None:
             changes = connection.info[PENDING] = _Changes()
@@ -98,8 +102,13 @@ class CommitRelay:
     def _checked_in(self, dbapi_connection, connection_record) -> None:
         changes = connection_record.info.pop(COMMITTED, None)
         connection_record.info.pop(PENDING, None)
-        if changes is not None:
-            self.publish(changes)
+        if changes is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a connection collected outside the event loop; readers poll instead
+        self.publish(changes)
 
     def publish(self, changes: _Changes) -> None:
         by_project: dict[str, list[dict[str, Any]]] = {}
