@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from app.agent.executor import TaskExecutor
 from app.agent.team import RoleSpec, build_team, sync_team
+from app.cache import Cache, build_cache
 from app.core.config import Settings
 from app.db.engine import Database
 from app.db.migrate import check_schema, lock_startup, upgrade
@@ -22,6 +23,7 @@ from app.knowledge.service import KnowledgeService
 from app.knowledge.store import EmbeddedVectorStore, VectorStore
 from app.llm.cache import ResponseCache
 from app.llm.registry import ProviderRegistry
+from app.signals import CommitRelay, SignalBus, build_signal_bus
 from app.worker.queue import TaskQueue
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class Runtime:
     executor: TaskExecutor
     knowledge: KnowledgeService
     ingestor: DocumentIngestor
+    shared_cache: Cache
+    signals: SignalBus
     # Set by the all-in-one process so that a new project wakes its embedded worker at once.
     notify_work: Callable[[], None] | None = None
 
@@ -66,19 +70,37 @@ class Runtime:
         logger.info(
             "connected to %s", database.describe(), extra={"action": "runtime.started", "env": settings.env}
         )
-        cache = ResponseCache(settings.caching)
+        shared_cache = build_cache(settings)
+        await shared_cache.start()
+        signals = build_signal_bus(settings)
+        CommitRelay(signals, shared_cache).install(database.write_engine)
+        cache = ResponseCache(shared_cache, settings.caching)
         queue = TaskQueue(database, settings.worker)
         embedder = build_embedder(settings.knowledge)
         store = build_vector_store(settings, database, embedder.dimension)
-        knowledge = KnowledgeService(database, embedder, store, settings.knowledge)
+        knowledge = KnowledgeService(database, embedder, store, settings.knowledge, shared_cache)
         ingestor = DocumentIngestor(
             database, embedder, store, settings.knowledge, settings.worker.lease_seconds
         )
         executor = TaskExecutor(database, queue, providers, cache, settings, knowledge)
-        return cls(settings, database, team, providers, cache, queue, executor, knowledge, ingestor)
+        return cls(
+            settings,
+            database,
+            team,
+            providers,
+            cache,
+            queue,
+            executor,
+            knowledge,
+            ingestor,
+            shared_cache,
+            signals,
+        )
 
     async def aclose(self) -> None:
         await self.providers.aclose()
+        await self.signals.aclose()
+        await self.shared_cache.aclose()
         await self.database.dispose()
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from app.core.config import Settings, load_settings
 
+pytest_plugins = ["tests.services.redis"]
+
 POSTGRES_ADMIN_URL = os.environ.get("TAT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

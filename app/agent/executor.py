@@ -253,8 +253,8 @@ class TaskExecutor:
         request = CompletionRequest(
             messages=messages, model=role.model, temperature=role.temperature, max_tokens=role.max_tokens
         )
-        cacheable = self.cache.cacheable(request)
-        cached = self.cache.get(role.provider, request) if cacheable else None
+        cacheable = self.cache.cacheable(request, role.name)
+        cached = await self.cache.get(role.provider, request) if cacheable else None
         if cached is not None:
             execution.calls.append(_record(role, cached, cache_hit=True, cost=0.0))
             return cached
@@ -269,7 +269,7 @@ class TaskExecutor:
             raise
 
         if cacheable:
-            self.cache.put(role.provider, request, completion)
+            await self.cache.put(role.provider, request, completion)
         cost = cost_usd(
             self.providers.settings_for(role.provider),
             completion.model,

@@ -30,9 +30,16 @@ def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: boo
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, migrate=migrate, use_replicas=True)
         app.state.runtime = runtime
+        runtime.signals.receive_events()
         worker_task = None
         if embedded_worker:
-            worker = Worker(runtime.database, runtime.executor, settings, ingestor=runtime.ingestor)
+            worker = Worker(
+                runtime.database,
+                runtime.executor,
+                settings,
+                ingestor=runtime.ingestor,
+                signals=runtime.signals,
+            )
             runtime.notify_work = worker.wake
             worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
         logger.info(

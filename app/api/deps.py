@@ -11,14 +11,16 @@ from app.core.config import Settings
 from app.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # A coroutine, because FastAPI runs a plain function dependency in its thread pool, and
+    # that hop costs more than a cached read itself.
     return request.app.state.runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.runtime.settings
 
 

@@ -216,12 +216,79 @@ class LLMSettings(Section):
 
 
 class CachingSettings(Section):
-    """The LLM response cache. Only deterministic calls (temperature 0) are cached."""
+    """The cache (model responses, knowledge queries, finished projects) and the Redis it may use.
+
+    With ``provider`` ``redis`` the cache and the wake-up, cancel and event signals go through
+    that server; ``distributed_cache`` moves the cache to a Redis Cluster instead.
+    """
 
     enabled: bool = True
-    provider: Literal["memory"] = "memory"
-    ttl: int = Field(3600, ge=1, description="Seconds")
-    max_entries: int = Field(10_000, ge=1)
+    provider: Literal["memory", "redis"] = "memory"
+    redis_host: str = "127.0.0.1"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_db: int = Field(0, ge=0)
+    redis_password: SecretStr | None = None
+    redis_password_file: Path | None = Field(None, description="File whose first line is the password")
+    ttl: int = Field(3600, ge=1, description="Seconds a model response lives")
+    knowledge_ttl: int = Field(3600, ge=1, description="Seconds a knowledge-base query result lives")
+    embedding_ttl: int = Field(86_400, ge=1, description="Seconds a query embedding lives")
+    project_ttl: int = Field(600, ge=1, description="Seconds a finished project's response lives")
+    max_entries: int = Field(10_000, ge=1, description="Entries of the in-process cache")
+    disabled_roles: list[str] = Field(
+        default_factory=list, description="Roles whose model responses are never cached"
+    )
+    key_prefix: str = Field(
+        "tat", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every key and channel"
+    )
+    timeout_seconds: float = Field(0.25, gt=0, le=30, description="Maximum wait for one Redis command")
+    connect_timeout_seconds: float = Field(0.25, gt=0, le=30)
+    retry_seconds: float = Field(2.0, gt=0, le=300, description="Pause before trying a failed server again")
+    outage_log_interval_seconds: float = Field(
+        30.0, gt=0, description="Repeat outage logs at most this often"
+    )
+    signal_poll_seconds: float = Field(
+        10.0, gt=0, le=3600, description="Database check of event streams while Redis signals work"
+    )
+
+    def resolved_redis_password(self) -> str | None:
+        if self.redis_password is not None:
+            return self.redis_password.get_secret_value()
+        if self.redis_password_file is not None:
+            return read_secret_file(self.redis_password_file, "caching.redis_password_file")
+        return None
+
+
+class CacheNode(Section):
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class DistributedCacheSettings(Section):
+    """A Redis Cluster for the cache, usually from ``config/cache_config.json``."""
+
+    enabled: bool = False
+    provider: Literal["redis_cluster"] = "redis_cluster"
+    nodes: list[CacheNode] = Field(default_factory=list, description="Startup nodes of the cluster")
+    default_ttl: int = Field(3600, ge=1, description="Seconds; replaces caching.ttl for model responses")
+    max_connections: int = Field(50, ge=1, le=10_000, description="Connections per cluster node")
+    password: SecretStr | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def nodes_when_enabled(self) -> DistributedCacheSettings:
+        if self.enabled and not self.nodes:
+            raise ValueError(
+                "distributed_cache.enabled is true but distributed_cache.nodes is empty; "
+                'list at least one node as {"host": ..., "port": ...}'
+            )
+        return self
+
+    def resolved_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return read_secret_file(self.password_file, "distributed_cache.password_file")
+        return None
 
 
 class WorkerSettings(Section):
@@ -461,6 +528,7 @@ class Settings(BaseSettings):
     llm: LLMSettings = Field(default_factory=LLMSettings)
     agents: list[AgentSettings] = Field(default_factory=list)
     caching: CachingSettings = Field(default_factory=CachingSettings)
+    distributed_cache: DistributedCacheSettings = Field(default_factory=DistributedCacheSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     planning: PlanningSettings = Field(default_factory=PlanningSettings)
     knowledge: KnowledgeSettings = Field(default_factory=KnowledgeSettings)

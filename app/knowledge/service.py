@@ -2,21 +2,25 @@
 
 Queries embed the text once (query embeddings are cached) and search the vector store; the
 results of identical queries are cached per knowledge-base version, so a query after a change
-to the base never gets a stale entry.
+to the base never gets a stale entry. Both caches are the process's ``Cache``, so with Redis
+every instance shares them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from sqlalchemy import Row
 
+from app.cache import Cache, CacheKind
 from app.core.config import KnowledgeSettings
 from app.db.engine import Database
 from app.errors import ConflictError, DocumentError
@@ -40,36 +44,22 @@ class QueryResult:
     missing_partitions: tuple[int, ...] = ()
 
 
-class LRUCache:
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._entries: OrderedDict[Any, Any] = OrderedDict()
-
-    def get(self, key: Any) -> Any | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        if self.max_entries <= 0:
-            return
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-
 class KnowledgeService:
     def __init__(
-        self, database: Database, embedder: Embedder, store: VectorStore, settings: KnowledgeSettings
+        self,
+        database: Database,
+        embedder: Embedder,
+        store: VectorStore,
+        settings: KnowledgeSettings,
+        cache: Cache,
     ) -> None:
         self.database = database
         self.embedder = embedder
         self.store = store
         self.settings = settings
-        self._query_vectors = LRUCache(settings.query_cache_entries)
-        self._results = LRUCache(settings.query_cache_entries)
+        self.cache = cache
+        # knowledge.query_cache_entries set to 0 turns both caches off.
+        self.caching = settings.query_cache_entries > 0
 
     async def create(self, name: str, description: str) -> Row:
         async with self.database.transaction() as connection:
@@ -132,14 +122,19 @@ class KnowledgeService:
             row = await repository.get_knowledge_base(connection, name)
         self._check_model(row)
 
-        key = (row.id, row.version, text, top_k, source)
-        cached = self._results.get(key)
+        # The version grows with every change of the base's chunks, so entries of an older
+        # version are never read again and expire with their TTL.
+        key = _digest([row.id, row.version, self.embedder.model_name, text, top_k, source])
+        cached = await self.cache.get(CacheKind.KNOWLEDGE_QUERY, key) if self.caching else None
         if cached is not None:
-            return QueryResult(cached, cached=True, version=row.version)
+            results = [ScoredChunk(**item) for item in orjson.loads(cached)]
+            return QueryResult(results, cached=True, version=row.version)
 
         vector = await self._query_vector(text)
         results = await self.store.search(row.id, row.version, vector, top_k, source=source)
         if results.missing_partitions:
+            # A partial result is returned but never cached, so the next query asks the
+            # partitions again.
             logger.warning(
                 "query of %s returned results without partitions %s",
                 name,
@@ -152,14 +147,24 @@ class KnowledgeService:
                 version=row.version,
                 missing_partitions=results.missing_partitions,
             )
-        self._results.put(key, results)
-        return QueryResult(results, cached=False, version=row.version)
+        if self.caching:
+            await self.cache.set(
+                CacheKind.KNOWLEDGE_QUERY,
+                key,
+                orjson.dumps([dataclasses.asdict(hit) for hit in results], option=orjson.OPT_SERIALIZE_NUMPY),
+            )
+        return QueryResult(list(results), cached=False, version=row.version)
 
     async def _query_vector(self, text: str) -> np.ndarray:
-        vector = self._query_vectors.get(text)
-        if vector is None:
-            vector = (await self.embedder.embed([text]))[0]
-            self._query_vectors.put(text, vector)
+        key = _digest([self.embedder.model_name, self.embedder.dimension, text])
+        cached = await self.cache.get(CacheKind.QUERY_EMBEDDING, key) if self.caching else None
+        if cached is not None and len(cached) == self.embedder.dimension * 4:
+            return np.frombuffer(cached, dtype=np.float32)
+        vector = (await self.embedder.embed([text]))[0]
+        if self.caching:
+            await self.cache.set(
+                CacheKind.QUERY_EMBEDDING, key, np.asarray(vector, dtype=np.float32).tobytes()
+            )
         return vector
 
     def _check_model(self, row: Row) -> None:
@@ -219,6 +224,10 @@ def _check_metadata(source: str, metadata: dict) -> None:
         ) from exc
     if "\x00" in text:
         raise DocumentError(f"source {source!r}: metadata contains NUL characters; remove them")
+
+
+def _digest(parts: list[Any]) -> str:
+    return hashlib.sha256(orjson.dumps(parts)).hexdigest()
 
 
 def _is_unicode(text: str) -> bool:

@@ -1,66 +1,62 @@
-"""An in-process cache of deterministic model responses.
+"""Cached model responses, in this process or shared through Redis.
 
 Only calls with temperature 0 are cached: with sampling, two identical requests are meant
-to give different answers. Keys cover the provider, model, parameters and every message,
-and carry a version so that a change of the key layout never reads an old entry.
+to give different outputs. ``caching.disabled_roles`` turns caching off for some roles.
+Keys cover the provider, model, parameters and every message; the key version in
+``app.cache.base`` changes when this layout does.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import time
-from collections import OrderedDict
 
+import orjson
+
+from app.cache.base import CacheKind
+from app.cache.service import Cache
 from app.core.config import CachingSettings
 from app.llm.base import Completion, CompletionRequest
 
-KEY_VERSION = "llm-v1"
-
 
 class ResponseCache:
-    """A bounded LRU map from request to completion, with a time to live per entry."""
-
-    def __init__(self, settings: CachingSettings) -> None:
+    def __init__(self, cache: Cache, settings: CachingSettings) -> None:
+        self.cache = cache
         self.enabled = settings.enabled
-        self.ttl_seconds = settings.ttl
-        self.max_entries = settings.max_entries
-        self._entries: OrderedDict[str, tuple[float, Completion]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self.disabled_roles = frozenset(settings.disabled_roles)
 
-    def cacheable(self, request: CompletionRequest) -> bool:
-        return self.enabled and request.temperature == 0
+    def cacheable(self, request: CompletionRequest, role: str = "") -> bool:
+        return self.enabled and request.temperature == 0 and role not in self.disabled_roles
 
-    def get(self, provider: str, request: CompletionRequest) -> Completion | None:
-        key = cache_key(provider, request)
-        entry = self._entries.get(key)
-        if entry is None or entry[0] < time.monotonic():
-            self._entries.pop(key, None)
-            self.misses += 1
+    async def get(self, provider: str, request: CompletionRequest) -> Completion | None:
+        value = await self.cache.get(CacheKind.LLM_RESPONSE, cache_key(provider, request))
+        if value is None:
             return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry[1]
+        fields = orjson.loads(value)
+        return Completion(**fields)
 
-    def put(self, provider: str, request: CompletionRequest, completion: Completion) -> None:
-        key = cache_key(provider, request)
-        self._entries[key] = (time.monotonic() + self.ttl_seconds, completion)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+    async def put(self, provider: str, request: CompletionRequest, completion: Completion) -> None:
+        value = orjson.dumps(
+            {
+                "text": completion.text,
+                "provider": completion.provider,
+                "model": completion.model,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "latency_ms": completion.latency_ms,
+                "finish_reason": completion.finish_reason,
+            }
+        )
+        await self.cache.set(CacheKind.LLM_RESPONSE, cache_key(provider, request), value)
 
 
 def cache_key(provider: str, request: CompletionRequest) -> str:
-    material = json.dumps(
+    material = orjson.dumps(
         [
-            KEY_VERSION,
             provider,
             request.model,
             request.temperature,
             request.max_tokens,
             [[message.role, message.content] for message in request.messages],
-        ],
-        separators=(",", ":"),
+        ]
     )
-    return hashlib.sha256(material.encode()).hexdigest()
+    return hashlib.sha256(material).hexdigest()

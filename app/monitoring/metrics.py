@@ -35,6 +35,36 @@ DATABASE_READS = Counter(
 )
 
 
+VECTOR_PARTITION_QUERY_SECONDS = Histogram(
+    "toronto_ai_vector_partition_query_seconds",
+    "One partition's part of a vector query on one Chroma instance, in seconds",
+    ["partition", "instance", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+VECTOR_PARTITIONS_MISSING = Counter(
+    "toronto_ai_vector_partitions_missing_total",
+    "Partitions left out of a query result because none of their replicas answered",
+)
+CACHE_REQUESTS = Counter(
+    "toronto_ai_cache_requests_total",
+    "Cache lookups by kind and result: hit, miss, error (the server failed) or bypass (server down)",
+    ["kind", "result"],
+)
+CACHE_SERVER_UP = Gauge(
+    "toronto_ai_cache_server_up",
+    "1 while a Redis server or cluster node answers this process, 0 during an outage",
+    ["role", "server"],
+)
+CACHE_OUTAGES = Counter(
+    "toronto_ai_cache_outages_total",
+    "Outages of a Redis server or cluster node seen by this process",
+    ["role", "server"],
+)
+SIGNALS_UP = Gauge(
+    "toronto_ai_signals_up", "1 while wake-up, cancel and event signals arrive through Redis, 0 while polling"
+)
+
+
 async def refresh_database_gauges(database: Database) -> None:
     async with database.read() as connection:
         task_counts = dict(
@@ -51,14 +81,3 @@ async def refresh_database_gauges(database: Database) -> None:
         TASKS_BY_STATUS.labels(status.value).set(task_counts.get(status.value, 0))
     for status in ProjectStatus:
         PROJECTS_BY_STATUS.labels(status.value).set(project_counts.get(status.value, 0))
-
-VECTOR_PARTITION_QUERY_SECONDS = Histogram(
-    "toronto_ai_vector_partition_query_seconds",
-    "One partition's part of a vector query on one Chroma instance, in seconds",
-    ["partition", "instance", "outcome"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-)
-VECTOR_PARTITIONS_MISSING = Counter(
-    "toronto_ai_vector_partitions_missing_total",
-    "Partitions left out of a query result because none of their replicas answered",
-)

@@ -26,6 +26,7 @@ from app.core.config import Settings
 from app.db.engine import Database
 from app.errors import ConfigError, LLMError, LLMRateLimitError, PlanValidationError
 from app.knowledge.ingestion import DocumentIngestor
+from app.signals import Channel, SignalBus
 from app.worker.completions import CompletionBatcher
 from app.worker.ingestion_loop import IngestionLoop
 from app.worker.queue import Lease
@@ -45,6 +46,7 @@ class Worker:
         settings: Settings,
         worker_id: str | None = None,
         ingestor: DocumentIngestor | None = None,
+        signals: SignalBus | None = None,
     ) -> None:
         self.database = database
         self.executor = executor
@@ -59,6 +61,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.completed = 0
+        self.signals = signals
 
     def wake(self) -> None:
         """Claim now instead of at the next poll, for a caller that just queued work."""
@@ -89,10 +92,12 @@ class Worker:
             loops.append(
                 asyncio.create_task(self.ingestion.run(self._stopping), name=f"ingestion-{self.worker_id}")
             )
+        self._listen_for_signals(True)
         try:
             await self._claim_loop()
             await self._drain()
         finally:
+            self._listen_for_signals(False)
             await self.completions.close()
             for loop in loops:
                 loop.cancel()
@@ -130,6 +135,33 @@ class Worker:
             if claimed and len(claimed) == free:
                 continue  # the queue may hold more; claim again as soon as a slot frees up
             await self._wait_for_work(self.settings.poll_interval_seconds)
+
+    def _listen_for_signals(self, listen: bool) -> None:
+        """Wake the idle wait on a task-ready signal, and stop the tasks of a cancelled project."""
+        if self.signals is None:
+            return
+        change = self.signals.on if listen else self.signals.off
+        change(Channel.TASK_READY, self._on_task_ready)
+        change(Channel.CANCEL, self._on_cancel)
+
+    def _on_task_ready(self, _payload: bytes) -> None:
+        self._wake.set()
+
+    def _on_cancel(self, payload: bytes) -> None:
+        project_id = payload.decode()
+        for lease, task in list(self._running.values()):
+            if lease.project_id != project_id:
+                continue
+            logger.info(
+                "project cancelled, stopping the task",
+                extra={
+                    "action": "task.cancel_signalled",
+                    "worker_id": self.worker_id,
+                    "task_id": lease.task_id,
+                    "project_id": project_id,
+                },
+            )
+            task.cancel()
 
     async def _wait_for_work(self, seconds: float) -> None:
         """Wait until a slot frees up, ``wake()`` is called or ``seconds`` pass."""

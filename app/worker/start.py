@@ -30,7 +30,9 @@ async def run_worker(concurrency: int | None) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
     runtime = await Runtime.start(settings, migrate=False)
-    worker = Worker(runtime.database, runtime.executor, settings, ingestor=runtime.ingestor)
+    worker = Worker(
+        runtime.database, runtime.executor, settings, ingestor=runtime.ingestor, signals=runtime.signals
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)

@@ -258,7 +258,7 @@ async def test_health_ready_and_metrics(api_without_worker):
     metrics = await api_without_worker.get("/metrics")
 
     assert health.json() == {"status": "ok"}
-    assert ready.json()["checks"] == {"database": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "cache": "ok", "signals": "ok"}
     assert 'toronto_ai_tasks{status="ready"}' in metrics.text
     assert health.headers["x-request-id"]
 

@@ -247,3 +247,62 @@ def test_unusable_database_urls(url, message):
 
     with pytest.raises(ConfigError, match=message):
         async_url(url)
+
+
+def test_cache_config_file_selects_cluster(tmp_path):
+    write(tmp_path / "config.json", {"caching": {"provider": "redis", "redis_port": 6380, "ttl": 60}})
+    write(
+        tmp_path / "config" / "cache_config.json",
+        {
+            "distributed_cache": {
+                "enabled": True,
+                "provider": "redis_cluster",
+                "nodes": [{"host": "10.0.0.1", "port": 7000}, {"host": "10.0.0.2", "port": 7001}],
+                "default_ttl": 900,
+                "max_connections": 40,
+            }
+        },
+    )
+
+    settings = load_settings(config_dir=tmp_path, environ={})
+
+    assert settings.caching.provider == "redis"
+    assert settings.caching.redis_port == 6380
+    assert settings.caching.ttl == 60
+    assert settings.distributed_cache.enabled is True
+    assert [(node.host, node.port) for node in settings.distributed_cache.nodes] == [
+        ("10.0.0.1", 7000),
+        ("10.0.0.2", 7001),
+    ]
+    assert settings.distributed_cache.default_ttl == 900
+    assert settings.distributed_cache.max_connections == 40
+
+
+def test_cluster_without_nodes_is_rejected(tmp_path):
+    write(tmp_path / "config" / "cache_config.json", {"distributed_cache": {"enabled": True}})
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_dir=tmp_path, environ={})
+
+    assert "distributed_cache.nodes is empty" in str(raised.value)
+
+
+def test_unknown_cache_provider_is_rejected(tmp_path):
+    write(tmp_path / "config.json", {"caching": {"provider": "memcached"}})
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_dir=tmp_path, environ={})
+
+    message = str(raised.value)
+    assert "caching.provider = 'memcached'" in message
+    assert "'memory' or 'redis'" in message
+
+
+def test_redis_password_from_file(tmp_path):
+    secret = tmp_path / "redis-password"
+    secret.write_text("from-a-file\n")
+    environ = {"TORONTO_AI_CACHING__REDIS_PASSWORD_FILE": str(secret)}
+
+    settings = load_settings(config_dir=tmp_path, environ=environ)
+
+    assert settings.caching.resolved_redis_password() == "from-a-file"

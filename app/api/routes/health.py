@@ -28,7 +28,10 @@ async def read_health() -> dict[str, str]:
 
 @router.get("/ready")
 async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
-    """Readiness: the database answers and its schema is the one this code expects."""
+    """Readiness: the database answers and its schema is the one this code expects.
+
+    The cache and signals are reported too, but their outage does not make the instance unready.
+    """
     checks: dict[str, str] = {}
     try:
         async with runtime.database.read() as connection:
@@ -44,6 +47,12 @@ async def read_readiness(runtime: RuntimeDep) -> JSONResponse:
     store = runtime.knowledge.store
     if isinstance(store, ChromaVectorStore):
         checks["vector_store"] = await vector_store_check(store)
+
+    # A cache outage degrades the instance (lookups miss, signals fall back to polling) but
+    # every request still succeeds, so it is reported without making the instance unready.
+    cache_status = await runtime.shared_cache.check()
+    checks["cache"] = "ok" if cache_status == "ok" else f"degraded: {cache_status}"
+    checks["signals"] = "degraded: polling" if runtime.signals.degraded else "ok"
 
     # A Chroma server down is "degraded", not a failure: replicas or the other partitions
     # still serve queries, and taking every instance out of rotation would serve none.

@@ -6,10 +6,12 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from sqlalchemy import case, func, select
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
@@ -34,17 +36,22 @@ from app.api.schemas import (
     UsagePublic,
     as_utc,
 )
+from app.cache import CacheKind
 from app.db import projects as store
 from app.db.models import events, llm_calls, messages, projects
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus
 from app.errors import NotFoundError
 from app.knowledge import repository as knowledge_repository
 from app.monitoring.metrics import PROJECTS_CREATED
+from app.runtime import Runtime
+from app.signals import EventFollower
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
 EVENTS_PER_READ = 500
+FINAL_EVENT_TYPES = frozenset({"project.completed", "project.failed", "project.cancelled"})
+SIGNAL_CHECK_SECONDS = 1.0
 MAX_SEQ = 2**31 - 1  # events.seq is a 32-bit integer column
 
 
@@ -119,14 +126,25 @@ async def list_projects(
 
 
 @router.get("/{project_id}", response_model=ProjectPublic)
-async def read_project(project_id: str, runtime: RuntimeDep, read_after: ReadAfterDep) -> ProjectPublic:
-    """Read a project. A finished project may come from a read replica. One still changing
-    comes from the primary, so clients following it see each step at once."""
-    return await runtime.database.read_stale(
+async def read_project(project_id: str, runtime: RuntimeDep, read_after: ReadAfterDep) -> Response:
+    """Read a project. A finished project no longer changes, so its response is cached and
+    may come from a read replica. One still changing comes from the primary, so clients
+    following it see each step at once."""
+    cache = runtime.shared_cache
+    if store.is_id(project_id):
+        cached = await cache.get(CacheKind.PROJECT, project_id)
+        if cached is not None:
+            return Response(cached, media_type="application/json")
+
+    project = await runtime.database.read_stale(
         lambda connection: _load_project(connection, project_id),
         after=read_after,
         accept=lambda project: project.status in FINAL_PROJECT_STATUSES,
     )
+    body = project.model_dump_json().encode()
+    if project.status in FINAL_PROJECT_STATUSES:
+        await cache.set(CacheKind.PROJECT, project_id, body)
+    return Response(body, media_type="application/json")
 
 
 async def _load_project(connection, project_id: str) -> ProjectPublic:
@@ -300,28 +318,92 @@ async def read_events(
 
 
 async def _stream_events(
-    request: Request, runtime, project_id: str, after: int
+    request: Request, runtime: Runtime, project_id: str, after: int
 ) -> AsyncIterator[ServerSentEvent]:
-    poll_seconds = runtime.settings.api.sse_poll_interval_seconds
-    while not await request.is_disconnected():
-        async with runtime.database.read() as connection:
-            # Read the status first: events committed before a final status are then
-            # guaranteed to be in the read that follows.
-            project_status = await connection.scalar(
-                select(projects.c.status).where(projects.c.id == project_id)
-            )
-            rows = await _events_after(connection, project_id, after, EVENTS_PER_READ)
+    """Send the project's events after ``after``, from the database and then as signals bring them.
 
-        for row in rows:
-            after = row.seq
-            yield ServerSentEvent(
-                data=json.dumps(_event_public(row).model_dump(mode="json")), event=row.type, id=str(row.seq)
-            )
-        if rows:
-            continue
-        if project_status in FINAL_PROJECT_STATUSES:
-            return
-        await asyncio.sleep(poll_seconds)
+    The stream follows the project's signals before its first read, so an event committed
+    after that read arrives by signal. Signalled events are sent only when they continue
+    the sequence; after a gap, or with no signal for a while, the stream reads the database.
+    """
+    follower = runtime.signals.follow(project_id)
+    try:
+        read_database = True
+        while not await request.is_disconnected():
+            if read_database:
+                async with runtime.database.read() as connection:
+                    # Read the status first: events committed before a final status are then
+                    # guaranteed to be in the read that follows.
+                    project_status = await connection.scalar(
+                        select(projects.c.status).where(projects.c.id == project_id)
+                    )
+                    rows = await _events_after(connection, project_id, after, EVENTS_PER_READ)
+                for row in rows:
+                    after = row.seq
+                    yield _server_sent(_event_public(row))
+                if rows:
+                    continue
+                if project_status in FINAL_PROJECT_STATUSES:
+                    return
+
+            signalled = await _next_signalled(runtime, follower)
+            read_database = signalled is None
+            for item in signalled or ():
+                if item.seq <= after:
+                    continue  # also read from the database already
+                if item.seq != after + 1:
+                    read_database = True
+                    break
+                after = item.seq
+                yield _server_sent(item)
+                if item.type in FINAL_EVENT_TYPES:
+                    return
+    finally:
+        runtime.signals.unfollow(project_id, follower)
+
+
+async def _next_signalled(runtime: Runtime, follower: EventFollower) -> list[EventPublic] | None:
+    """Wait for events by signal; return None when the stream should read the database instead.
+
+    While signals from other instances arrive, the database is read only every
+    ``caching.signal_poll_seconds``, in case a signal was lost; otherwise every
+    ``api.sse_poll_interval_seconds``.
+    """
+    signals = runtime.signals
+    poll_seconds = runtime.settings.api.sse_poll_interval_seconds
+    if signals.working:
+        poll_seconds = max(poll_seconds, runtime.settings.caching.signal_poll_seconds)
+    deadline = time.monotonic() + poll_seconds
+    batch = None
+    while batch is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or follower.overflowed:
+            break
+        # Short slices notice at once when signals stop working and polling must take over.
+        slice_seconds = min(remaining, SIGNAL_CHECK_SECONDS) if signals.working else remaining
+        with suppress(TimeoutError):
+            async with asyncio.timeout(slice_seconds):
+                batch = await follower.queue.get()
+        if batch is None and not signals.working:
+            break
+
+    if follower.overflowed:
+        follower.overflowed = False
+        while not follower.queue.empty():
+            follower.queue.get_nowait()
+        return None
+    if batch is None:
+        return None
+    items = list(batch)
+    while not follower.queue.empty():
+        items += follower.queue.get_nowait()
+    return [EventPublic.model_validate(item) for item in items]
+
+
+def _server_sent(event: EventPublic) -> ServerSentEvent:
+    return ServerSentEvent(
+        data=json.dumps(event.model_dump(mode="json")), event=event.type, id=str(event.seq)
+    )
 
 
 async def _events_after(connection, project_id: str, after: int, limit: int):
