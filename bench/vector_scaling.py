@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from app.cache import Cache, CacheKind
+from app.cache.memory import MemoryBackend
 from app.core.config import VectorDbSettings
 from app.knowledge.chroma import ChromaInstances
 from app.knowledge.chroma_store import ChromaVectorStore, VectorRecord
@@ -355,6 +357,7 @@ async def measure_service_cache(
         FixedEmbedder(dict(zip(texts, queries, strict=True))),
         store,
         KnowledgeSettings(query_cache_entries=len(texts) * 2),
+        Cache(MemoryBackend(len(texts) * 2), {kind: 3600 for kind in CacheKind}),
     )
     await service.create("peps", "")
     per_document = 100

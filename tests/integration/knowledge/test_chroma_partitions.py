@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select
 
+from app.cache import build_cache
 from app.core.config import KnowledgeSettings
 from app.db.engine import Database
 from app.db.migrate import upgrade
@@ -257,7 +258,9 @@ async def test_stopped_instance_uses_replicas_or_reports(database, tmp_path, dat
     queries = make_queries(vectors, seed=32)
     expected = await ranked(replicated_store, database, replicated_base.id, queries)
     question = {"where is it": queries[0]}
-    service = KnowledgeService(database, FixedEmbedder(question), single_store, single.knowledge)
+    service = KnowledgeService(
+        database, FixedEmbedder(question), single_store, single.knowledge, build_cache(single)
+    )
     complete = await service.query("single", "where is it", 30)
     stopped = chroma_servers[0]
     async with database.read() as connection:
