@@ -129,8 +129,12 @@ class LoadBalancer:
         settings = self.settings
         timeout = aiohttp.ClientTimeout(
             total=None,
-            # Covers the wait for a free pooled connection as well as the TCP handshake.
-            connect=settings.connect_timeout_seconds,
+            # aiohttp's `connect` would also cover the wait for a free pooled connection, and a
+            # busy but healthy instance would then be counted as failing. Only the TCP handshake
+            # is bounded, and a request waits for a pooled connection, as the client connection
+            # limit (max_connections) bounds how many can wait.
+            connect=None,
+            sock_connect=settings.connect_timeout_seconds,
             sock_read=settings.read_timeout_seconds,
         )
         for backend in self.pool.backends:
@@ -256,10 +260,7 @@ class LoadBalancer:
                     method, url, headers=headers, data=body or None, allow_redirects=False
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                # No connection was opened, or none was free in time: nothing reached the instance.
-                # NOTE: aiohttp raises the same error when all backend_max_connections pooled
-                # connections stay busy past connect_timeout_seconds, so a saturated but healthy
-                # instance also counts toward its ejection.
+                # No connection was opened: nothing reached the instance.
                 self._count_failure(backend, method, request_id, exc)
                 return "not_sent"
             except (aiohttp.ClientError, TimeoutError) as exc:

@@ -272,6 +272,42 @@ def test_connection_limit_and_graceful_shutdown(tmp_path: Path) -> None:
         backend.stop()
 
 
+def test_saturated_pool_queues_instead_of_ejecting(tmp_path: Path) -> None:
+    """More requests than pooled connections wait for one; the busy instance stays admitted."""
+    backend = ScriptedBackend("busy", port_in_test_range())
+    backend.start()
+    balancer = start_balancer(
+        tmp_path,
+        "pooled",
+        [backend.address],
+        TORONTO_AI_LOAD_BALANCER__BACKEND_MAX_CONNECTIONS="1",
+        TORONTO_AI_LOAD_BALANCER__CONNECT_TIMEOUT_SECONDS="0.2",
+        TORONTO_AI_LOAD_BALANCER__MAX_FAILURES="1",
+    )
+    results: list[int] = []
+
+    def hold() -> None:
+        with balancer.client(timeout=30) as client:
+            results.append(client.get("/hold").status_code)
+
+    holders = [threading.Thread(target=hold) for _ in range(3)]
+    try:
+        for thread in holders:
+            thread.start()
+        wait_until(lambda: any(r["path"] == "/hold" for r in backend.requests), 10, "a held request")
+        # The other two wait for the one pooled connection well past the connect timeout.
+        threading.Event().wait(1.0)
+        backend.release.set()
+        for thread in holders:
+            thread.join(timeout=30)
+
+        assert results == [200, 200, 200]
+        assert not balancer.records("lb.backend_ejected")
+    finally:
+        stop(balancer)
+        backend.stop()
+
+
 def test_nginx_streams_events_and_limits_body(tmp_path: Path) -> None:
     backend = ScriptedBackend("behind-nginx", port_in_test_range())
     backend.start()
