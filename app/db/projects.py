@@ -14,6 +14,7 @@ from sqlalchemy import Row, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.agent.planning import PlannedTask
+from app.db.locking import lock_tasks_in_id_order
 from app.db.models import llm_calls, projects, task_attempts, task_dependencies, task_sources, tasks
 from app.db.records import NewEvent, append_events, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
@@ -257,6 +258,8 @@ async def cancel_project(connection: AsyncConnection, project_id: str) -> str:
 
 async def _cancel_open_tasks(connection: AsyncConnection, project_id: str) -> list[str]:
     now = utc_now()
+    open_tasks = and_(tasks.c.project_id == project_id, tasks.c.status.in_(list(OPEN_TASK_STATUSES)))
+    await lock_tasks_in_id_order(connection, open_tasks)
     cancelled = await connection.execute(
         update(tasks)
         .where(tasks.c.project_id == project_id, tasks.c.status.in_(list(OPEN_TASK_STATUSES)))

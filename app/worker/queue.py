@@ -16,11 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, Row, and_, bindparam, case, func, select, update
+from sqlalchemy import Integer, Row, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.config import WorkerSettings
 from app.db.engine import Database
+from app.db.locking import lock_tasks_in_id_order
 from app.db.models import projects, task_attempts, task_dependencies, tasks
 from app.db.records import NewEvent, append_events, append_events_many, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
@@ -240,6 +241,7 @@ class TaskQueue:
         if not held:
             return set()
         async with self.database.transaction() as connection:
+            await lock_tasks_in_id_order(connection, tasks.c.id.in_(list(held)))
             rows = await connection.execute(
                 update(tasks)
                 .where(
@@ -392,9 +394,22 @@ class TaskQueue:
             return []
         # Locking the rows first, in id order, makes the check and the writes below one
         # atomic step: a sweep or cancel that runs meanwhile waits for this transaction.
-        locked = await connection.execute(
-            LOCK_RUNNING_TASKS, {"task_ids": sorted({item.lease.task_id for item in finished})}
+        # The dependents released below are locked in the same pass, so that a cancel or
+        # another batch, which lock in id order too, cannot hold one of them while waiting
+        # for a row of this batch.
+        finished_ids = sorted({item.lease.task_id for item in finished})
+        await lock_tasks_in_id_order(
+            connection,
+            or_(
+                tasks.c.id.in_(finished_ids),
+                tasks.c.id.in_(
+                    select(task_dependencies.c.task_id).where(
+                        task_dependencies.c.depends_on_id.in_(finished_ids)
+                    )
+                ),
+            ),
         )
+        locked = await connection.execute(LOCK_RUNNING_TASKS, {"task_ids": finished_ids})
         tokens = dict(locked.all())
         held = [item for item in finished if tokens.get(item.lease.task_id) == item.lease.token]
         if held:
