@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from app.cli.demo import run_demo
-from app.core.arguments import port_number
+from app.core.arguments import port_number, port_or_zero
 from app.core.config import load_settings
 from app.core.logging import configure_logging
 from app.errors import TorontoAIError
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-knowledge", action="store_true", help="run the default example without its knowledge base"
     )
     demo.add_argument(
-        "--port", type=port_number, default=0, help="TCP port of the demo server (default: any free port)"
+        "--port", type=port_or_zero, default=0, help="TCP port of the demo server (default: any free port)"
     )
     return parser
 

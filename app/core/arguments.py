@@ -6,7 +6,17 @@ import argparse
 
 
 def port_number(text: str) -> int:
-    """Parse a TCP port; 0 is accepted and means any free port where a command allows it."""
+    """Parse a TCP port from 1 to 65535, the port a server announces and clients use."""
+    port = port_or_zero(text)
+    if port == 0:
+        raise argparse.ArgumentTypeError(
+            "0 is not a port clients can connect to; use a number from 1 to 65535"
+        )
+    return port
+
+
+def port_or_zero(text: str) -> int:
+    """Parse a TCP port, where 0 asks for any free port, for commands that print the one they got."""
     try:
         port = int(text)
     except ValueError:
@@ -20,6 +30,8 @@ def port_number(text: str) -> int:
 
 def parse_address(text: str) -> tuple[str, int]:
     """Parse ``host:port`` (``[v6-address]:port`` for IPv6); raises ValueError naming the fix."""
+    if "://" in text:
+        raise ValueError(f"{text!r} is not host:port; drop the scheme, as in 127.0.0.1:8001")
     host, separator, port_text = text.strip().rpartition(":")
     if not separator or not host:
         raise ValueError(f"{text!r} is not host:port; write it like 127.0.0.1:8001")

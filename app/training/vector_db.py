@@ -183,6 +183,8 @@ async def check_instances(section: VectorDbSettings) -> None:
 
 def write_section(path: Path, section: VectorDbSettings) -> None:
     """Replace the file's vector_db key, keeping its other keys; write atomically."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the path of a JSON file, such as {path / 'config.json'}")
     document: dict[str, Any] = {}
     if path.is_file():
         try:

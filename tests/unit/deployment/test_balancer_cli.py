@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from app.core.arguments import parse_address
 from app.core.config import load_settings
 from app.errors import ConfigError
 
@@ -43,7 +44,10 @@ def test_balancer_rejects_bad_backends(backends: str, message: str, tmp_path: Pa
     assert message in result.stderr
 
 
-@pytest.mark.parametrize(("port", "message"), [("70000", "70000 is not a TCP port"), ("0", "--port 0")])
+@pytest.mark.parametrize(
+    ("port", "message"),
+    [("70000", "70000 is not a TCP port"), ("0", "0 is not a port clients can connect to")],
+)
 def test_balancer_rejects_bad_port(port: str, message: str, tmp_path: Path) -> None:
     result = run_module("app.deployment.simple_load_balancer", "--port", port, tmp_path=tmp_path)
     assert result.returncode == 2
@@ -78,3 +82,8 @@ def test_configured_backends_validated(tmp_path: Path) -> None:
     environ = {"TORONTO_AI_LOAD_BALANCER__BACKENDS": '["127.0.0.1:8001", "db"]'}
     with pytest.raises(ConfigError, match="load_balancer.backends: 'db' is not host:port"):
         load_settings(config_dir=tmp_path, environ=environ)
+
+
+def test_backend_with_scheme_is_rejected() -> None:
+    with pytest.raises(ValueError, match="drop the scheme"):
+        parse_address("http://127.0.0.1:8001")
