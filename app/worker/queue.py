@@ -463,6 +463,10 @@ class TaskQueue:
         self, connection: AsyncConnection, task_id: str, project_id: str, token: int, reason: str
     ) -> bool:
         """Fail a task for good, fail its project with the reason and cancel the rest."""
+        await lock_tasks_in_id_order(
+            connection,
+            and_(tasks.c.project_id == project_id, tasks.c.status.in_(list(OPEN_TASK_STATUSES))),
+        )
         result = await connection.execute(
             update(tasks)
             .where(_held(task_id, token))
