@@ -58,9 +58,9 @@ def render_section(results: dict[str, Any], plot_name: str) -> str:
         "and 3 API instances (`deploy.py`), one instance directly, and a bare FastAPI endpoint that "
         "returns the same JSON from memory with orjson under one uvicorn process. Both proxies are also "
         "measured in front of the bare endpoint, where the backend costs least and the proxy's own "
-        "cost shows. Every instance reads "
-        f"the project from the {arguments['engine']} database on each request: this branch has no "
-        "cache of project reads. Load: wrk with 1 thread and "
+        "cost shows. The project is finished, so each instance reads it from the "
+        f"{arguments['engine']} database once and then serves its cached response from its "
+        "in-process cache (the default `caching.provider`, `memory`). Load: wrk with 1 thread and "
         f"{arguments['connections']} connections for {arguments['duration']:g} s per target after "
         f"{arguments['warmup']:g} s of warm-up. Servers, wrk and the database share the machine's "
         "cores, so more instances compete for the same CPUs.",
@@ -109,12 +109,10 @@ def render_section(results: dict[str, Any], plot_name: str) -> str:
         f"and wrk share the same {machine['cpus']} cores here, so an added instance adds no CPU: these "
         "numbers show what the fronts cost, not what instances on more machines would add.",
         "",
-        "The read target is set for a cached read of a finished project. This branch measures the "
-        "uncached read: each request runs three SQL statements (the project, its tasks, its token "
-        "usage), passes the request-id, access-log and metrics middleware, and validates the response "
-        "model, none of which the bare endpoint does. An orjson response class would not shorten it: "
-        "FastAPI 0.165 already serializes a response model to JSON bytes through pydantic-core, and "
-        "marks `ORJSONResponse` deprecated for that reason.",
+        "The read target is for a cached read of a finished project, as measured here. A cache hit "
+        "runs no SQL and serializes nothing, but the request still passes FastAPI's routing and "
+        "dependencies (the API key check and the read-your-writes position) and the request-id, "
+        "access-log and metrics middleware, none of which the bare endpoint has.",
     ]
     return "\n".join(lines)
 

@@ -26,8 +26,12 @@ POSITION_COOKIE = "toronto_ai_lsn"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def read_after(request: Request) -> WalPosition | None:
-    """Return the WAL position a read must see, from the request's header or else its cookie."""
+async def read_after(request: Request) -> WalPosition | None:
+    """Return the WAL position a read must see, from the request's header or else its cookie.
+
+    A coroutine although it never awaits, because FastAPI runs a plain function dependency
+    in its thread pool, a hop that costs more than a cached project read.
+    """
     header = request.headers.get(POSITION_HEADER)
     if header is not None:
         try:
