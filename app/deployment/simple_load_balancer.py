@@ -10,15 +10,14 @@ ejection and slow start. Production deployments use nginx or a Kubernetes ingres
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
-import socket
 import sys
 
 import uvicorn
 
 from app.core.arguments import parse_address, port_number
 from app.core.config import LoadBalancerSettings, load_settings
+from app.core.listening import bind_socket
 from app.core.logging import configure_logging
 from app.deployment.backends import STRATEGIES
 from app.deployment.proxy import LoadBalancer
@@ -71,27 +70,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the listening socket before uvicorn starts, so that a taken port is one clear error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        hint = (
-            "stop the process that uses it or pass another --port"
-            if exc.errno == errno.EADDRINUSE
-            else "check --host and --port"
-        )
-        raise TorontoAIError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from exc
-    return sock
-
-
 def run(settings: LoadBalancerSettings, max_body_bytes: int) -> None:
     """Serve until SIGINT or SIGTERM, then let requests in flight finish for ``shutdown_grace_seconds``."""
-    sock = bind_socket(settings.host, settings.port)
+    sock = bind_socket(settings.host, settings.port, "--port or load_balancer.port")
     config = uvicorn.Config(
         LoadBalancer(settings, max_body_bytes),
         log_config=None,  # app.core.logging owns the handlers

@@ -69,7 +69,7 @@ def test_balancer_reports_taken_port(tmp_path: Path) -> None:
         )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
-    assert "pass another --port" in result.stderr
+    assert "choose another port with --port" in result.stderr
 
 
 def test_nginx_launcher_rejects_bad_backends(tmp_path: Path) -> None:
