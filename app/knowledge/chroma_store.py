@@ -35,7 +35,7 @@ from app.knowledge import layouts
 from app.knowledge.chroma import ChromaInstances
 from app.knowledge.layouts import Layout, LayoutStatus, partition_of
 from app.knowledge.partitions import QueryDistributor
-from app.knowledge.store import ScoredChunk, SearchHits, StoredChunk, replace_chunk_rows
+from app.knowledge.store import CHUNK_ROWS, ScoredChunk, SearchHits, StoredChunk, replace_chunk_rows
 
 logger = logging.getLogger(__name__)
 
@@ -212,19 +212,9 @@ class ChromaVectorStore:
         async with self.database.read() as connection:
             rows = (
                 await connection.execute(
-                    select(
-                        chunks.c.id,
-                        chunks.c.document_id,
-                        chunks.c.position,
-                        chunks.c.heading,
-                        chunks.c.text,
-                        chunks.c.content_hash,
-                        chunks.c.embedding,
-                        documents.c.source,
-                        documents.c.metadata,
+                    CHUNK_ROWS.where(
+                        chunks.c.knowledge_base_id == knowledge_base_id, chunks.c.id.in_(chunk_ids)
                     )
-                    .join(documents, documents.c.id == chunks.c.document_id)
-                    .where(chunks.c.knowledge_base_id == knowledge_base_id, chunks.c.id.in_(chunk_ids))
                 )
             ).all()
         query = np.asarray(vector, dtype=np.float32)

@@ -34,6 +34,19 @@ from app.db.engine import Database
 from app.db.models import chunks, documents, knowledge_bases
 from app.db.records import utc_now
 
+# Every column a search result or a loaded index needs, one row per chunk with its document.
+CHUNK_ROWS = select(
+    chunks.c.id,
+    chunks.c.document_id,
+    chunks.c.position,
+    chunks.c.heading,
+    chunks.c.text,
+    chunks.c.content_hash,
+    chunks.c.embedding,
+    documents.c.source,
+    documents.c.metadata,
+).join(documents, documents.c.id == chunks.c.document_id)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredChunk:
@@ -197,20 +210,9 @@ class EmbeddedVectorStore:
             )
             rows = (
                 await connection.execute(
-                    select(
-                        chunks.c.id,
-                        chunks.c.document_id,
-                        chunks.c.position,
-                        chunks.c.heading,
-                        chunks.c.text,
-                        chunks.c.content_hash,
-                        chunks.c.embedding,
-                        documents.c.source,
-                        documents.c.metadata,
+                    CHUNK_ROWS.where(chunks.c.knowledge_base_id == knowledge_base_id).order_by(
+                        documents.c.source, chunks.c.position
                     )
-                    .join(documents, documents.c.id == chunks.c.document_id)
-                    .where(chunks.c.knowledge_base_id == knowledge_base_id)
-                    .order_by(documents.c.source, chunks.c.position)
                 )
             ).all()
 
