@@ -16,7 +16,7 @@ def port_number(text: str) -> int:
 
 
 def port_or_zero(text: str) -> int:
-    """Parse a TCP port, where 0 asks for any free port, for commands that print the one they got."""
+    """Parse a TCP port, where 0 requests any free port, for commands that print the port they got."""
     try:
         port = int(text)
     except ValueError:

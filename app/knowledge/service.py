@@ -133,7 +133,7 @@ class KnowledgeService:
         vector = await self._query_vector(text)
         results = await self.store.search(row.id, row.version, vector, top_k, source=source)
         if results.missing_partitions:
-            # A partial result is returned but never cached, so the next query asks the
+            # A partial result is returned but never cached, so the next query searches the
             # partitions again.
             logger.warning(
                 "query of %s returned results without partitions %s",

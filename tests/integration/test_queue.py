@@ -154,7 +154,8 @@ async def test_heartbeat_reports_cancelled_tasks(runtime):
     assert await runtime.queue.heartbeat("worker-a", {lease.task_id: lease.token}) == {lease.task_id}
 
 
-async def test_dependents_wait_for_every_dependency(runtime):
+async def start_shared_dependent_plan(runtime):
+    """Accept a plan where C depends on A and B; return the project id and the leases of A and B."""
     from app.agent.planning import PlannedTask
 
     project_id = await submit(runtime)
@@ -167,8 +168,13 @@ async def test_dependents_wait_for_every_dependency(runtime):
     async with runtime.database.transaction() as connection:
         assert await runtime.queue.complete(connection, plan_lease, "{}")
         await store.insert_plan(connection, project_id, planned, "project_manager", 3)
-
     first, second = sorted(await runtime.queue.claim("worker-a", 10), key=lambda lease: lease.key)
+    return project_id, first, second
+
+
+async def test_dependents_wait_for_every_dependency(runtime):
+    project_id, first, second = await start_shared_dependent_plan(runtime)
+
     async with runtime.database.transaction() as connection:
         await runtime.queue.complete(connection, first, "a")
     assert await runtime.queue.claim("worker-a", 10) == []
@@ -192,20 +198,9 @@ async def test_claim_never_exceeds_limit(runtime):
 
 
 async def test_batch_releases_shared_dependent_once(runtime):
-    from app.agent.planning import PlannedTask
     from app.worker.queue import FinishedTask
 
-    project_id = await submit(runtime)
-    [plan_lease] = await runtime.queue.claim("worker-a", 1)
-    planned = [
-        PlannedTask(id="A", title="A", role="developer"),
-        PlannedTask(id="B", title="B", role="developer"),
-        PlannedTask(id="C", title="C", role="qa_engineer", depends_on=["A", "B"]),
-    ]
-    async with runtime.database.transaction() as connection:
-        assert await runtime.queue.complete(connection, plan_lease, "{}")
-        await store.insert_plan(connection, project_id, planned, "project_manager", 3)
-    first, second = sorted(await runtime.queue.claim("worker-a", 10), key=lambda lease: lease.key)
+    project_id, first, second = await start_shared_dependent_plan(runtime)
 
     async with runtime.database.transaction() as connection:
         stored = await runtime.queue.complete_many(
