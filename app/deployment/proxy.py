@@ -2,16 +2,19 @@
 
 Upstream requests go through aiohttp's client: on this project's 2-core test machine it
 sent about 5,500 requests/s to one instance where httpx's AsyncClient sent about 800
-(measured with 8 concurrent requests to ``GET /health``). Responses are streamed back chunk
-by chunk as the instance sends them, so Server-Sent Events pass through unbuffered. Request
-bodies are read whole first (at most ``api.max_body_bytes``, the API's own limit), so that
-a retry can send them again.
+(measured with 8 concurrent requests to ``GET /health``). A response that declares a length
+of at most ``BUFFERED_RESPONSE_BYTES`` is read whole before anything is forwarded. Other
+responses are streamed back chunk by chunk as the instance sends them, so Server-Sent
+Events pass through unbuffered. Request bodies are read whole first (at most
+``api.max_body_bytes``, the API's own limit), so that a retry can send them again.
 
 A failed attempt goes to another instance when that cannot run the request twice: always
 when no connection could be opened (nothing was sent), and for the idempotent methods also
-when the instance failed before its response headers arrived. Once response headers have
-been forwarded nothing is retried; a stream that breaks is cut off, and the client sees
-the truncated response.
+when the instance failed before its whole response was read, for a buffered response, or
+before its headers arrived, for a streamed one. An instance killed while it sends a
+project therefore costs the client nothing. Once response headers have been forwarded
+nothing is retried; a stream that breaks is cut off, and the client sees the truncated
+response.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ REQUEST_ID_HEADER = b"x-request-id"
 METRICS_PATH = "/metrics"
 UPSTREAM_KEEPALIVE_SECONDS = 4.0
 BACKENDS_PATH = "/lb/backends"
+# Every JSON response of the API fits well under this; larger ones are streamed, so the
+# balancer's memory per request stays bounded.
+BUFFERED_RESPONSE_BYTES = 1024 * 1024
 
 
 class ClientDisconnected(Exception):
@@ -267,11 +273,18 @@ class LoadBalancer:
                 self._count_failure(backend, method, request_id, exc)
                 return "failed"
 
+            try:
+                buffered = await _read_small_body(response, method)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                response.close()
+                self._count_failure(backend, method, request_id, exc)
+                return "failed"
+
             self.metrics.duration.observe(time.perf_counter() - started)
             self.metrics.requests.labels(backend.address, str(response.status)).inc()
             self.pool.record_success(backend)
             try:
-                await self._forward_response(response, method, request_id, receive, send)
+                await self._forward_response(response, buffered, method, request_id, receive, send)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self._count_failure(backend, method, request_id, exc, streaming=True)
             finally:
@@ -281,7 +294,13 @@ class LoadBalancer:
             backend.active_requests -= 1
 
     async def _forward_response(
-        self, response: aiohttp.ClientResponse, method: str, request_id: bytes, receive: Receive, send: Send
+        self,
+        response: aiohttp.ClientResponse,
+        buffered: bytes | None,
+        method: str,
+        request_id: bytes,
+        receive: Receive,
+        send: Send,
     ) -> None:
         headers = []
         has_request_id = False
@@ -298,6 +317,9 @@ class LoadBalancer:
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if method == "HEAD":
             await send({"type": "http.response.body", "body": b""})
+            return
+        if buffered is not None:
+            await send({"type": "http.response.body", "body": buffered})
             return
         if has_length:
             await _copy_body(response, send)
@@ -422,6 +444,19 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+async def _read_small_body(response: aiohttp.ClientResponse, method: str) -> bytes | None:
+    """Read a response body of known, bounded length whole; None for one to stream."""
+    length = response.content_length
+    if method == "HEAD" or length is None or length > BUFFERED_RESPONSE_BYTES:
+        return None
+    body = await response.read()
+    if len(body) != length:
+        # aiohttp raises ClientPayloadError itself when the connection closes early; a body
+        # that is still short here must not be forwarded under the declared length either.
+        raise aiohttp.ClientPayloadError(f"expected {length} bytes, received {len(body)}")
+    return body
 
 
 async def _copy_body(response: aiohttp.ClientResponse, send: Send) -> None:

@@ -3,8 +3,9 @@
 ``ScriptedBackend`` is an ASGI app under uvicorn in a thread: ``/health`` follows its
 ``healthy`` flag, ``/echo`` returns the request it received, ``/hold`` waits until the test
 releases it, and ``/events`` streams Server-Sent Events one at a time as the test releases
-them. ``DroppingBackend`` answers ``/health`` and closes every other connection without a
-response, as an instance that crashes while handling a request does.
+them. ``DroppingBackend`` answers ``/health`` and closes every other connection, as an
+instance that crashes while handling a request does: without a response, or, for a query
+string holding ``truncate=1``, after the headers and the first bytes of the body.
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ class _DroppingHandler(socketserver.BaseRequestHandler):
             )
             return
         self.server.dropped.append(request_line)  # type: ignore[attr-defined]
+        if "truncate=1" in request_line:
+            self.request.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b'content-length: 2000\r\n\r\n{"backend": "dropping", '
+            )
         # Closes with a reset, as the kernel does for a process killed mid-request.
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 

@@ -151,6 +151,22 @@ def test_post_not_retried_after_send(cluster: Cluster) -> None:
     assert f'toronto_ai_lb_upstream_failures_total{{backend="{cluster.dropping.address}"' in metrics
 
 
+def test_cut_off_body_retried(cluster: Cluster) -> None:
+    dropped_before = len(cluster.dropping.dropped)
+    with cluster.balancer.client() as client:
+        reads = [client.get("/echo?truncate=1") for _ in range(6)]
+        writes = [client.post("/echo?truncate=1", json={"n": index}).status_code for index in range(6)]
+
+    # The dropping backend sent the headers and part of the body of a GET, then died: the
+    # balancer had not forwarded anything yet, so the read was served whole elsewhere.
+    assert len(cluster.dropping.dropped) >= dropped_before + 2, "no request was cut off"
+    assert [response.status_code for response in reads] == [200] * len(reads)
+    assert {response.json()["backend"] for response in reads} <= {"first", "second"}
+    # A POST that reached the instance may have acted, so it is reported instead of repeated.
+    assert writes.count(502) == 2, writes
+    assert writes.count(200) == 4, writes
+
+
 def test_event_stream_not_buffered(cluster: Cluster) -> None:
     streaming = (cluster.first, cluster.second)
     for backend in streaming:
