@@ -1,58 +1,10 @@
 """The HTTP API in process, with an embedded worker, on SQLite and PostgreSQL."""
 
-import asyncio
-import time
-
-import httpx
 import pytest
 
-from app.api.app import create_app
 from app.api.auth import create_api_key
 from tests.conftest import make_settings
-from tests.integration.helpers import FAST_WORKER
-
-BRIEF = "# Demo\n\nBuild a small thing that works."
-
-
-async def open_client(settings, embedded_worker: bool):
-    app = create_app(settings, embedded_worker=embedded_worker)
-    lifespan = app.router.lifespan_context(app)
-    await lifespan.__aenter__()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    return app, lifespan, client
-
-
-@pytest.fixture
-async def api(database_url, tmp_path):
-    settings = make_settings(
-        database_url,
-        tmp_path,
-        TORONTO_AI_API__MAX_BRIEF_CHARS="500",
-        TORONTO_AI_API__MAX_BODY_BYTES="4096",
-        **FAST_WORKER,
-    )
-    app, lifespan, client = await open_client(settings, embedded_worker=True)
-    yield client
-    await client.aclose()
-    await lifespan.__aexit__(None, None, None)
-
-
-@pytest.fixture
-async def api_without_worker(database_url, tmp_path):
-    app, lifespan, client = await open_client(make_settings(database_url, tmp_path), embedded_worker=False)
-    yield client
-    await client.aclose()
-    await lifespan.__aexit__(None, None, None)
-
-
-async def wait_for_status(client, project_id, expected, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = (await client.get(f"/api/v1/projects/{project_id}")).json()
-        if body["status"] == expected:
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"project {project_id} is {body['status']}, expected {expected}")
+from tests.integration.api_client import BRIEF, open_client, wait_for_status
 
 
 async def test_project_runs_to_report(api):
