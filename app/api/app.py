@@ -11,8 +11,10 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.routing import APIRoute
 
+from app.api.cached_reads import CachedProjectReads
 from app.api.consistency import ReadYourWritesMiddleware
 from app.api.deps import require_api_key
 from app.api.errors import install_error_handlers
@@ -68,5 +70,12 @@ def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: boo
     app.include_router(knowledge.router, dependencies=[Depends(require_api_key)])
     app.add_middleware(ReadYourWritesMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(CachedProjectReads, route=_route_of(projects.router, projects.read_project))
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def _route_of(router: APIRouter, endpoint: object) -> APIRoute:
+    return next(
+        route for route in router.routes if isinstance(route, APIRoute) and route.endpoint is endpoint
+    )

@@ -27,25 +27,32 @@ async def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def require_api_key(request: Request) -> None:
-    """Check ``Authorization: Bearer <key>`` in production; other environments are open."""
-    runtime: Runtime = request.app.state.runtime
-    if not runtime.settings.is_production:
-        return
+MISSING_KEY = (
+    "missing API key: send `Authorization: Bearer <key>`; create a key with "
+    "`python -m app.cli create-api-key --name NAME`"
+)
+INVALID_KEY = (
+    "invalid or revoked API key; create a new one with `python -m app.cli create-api-key --name NAME`"
+)
 
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+
+async def api_key_problem(runtime: Runtime, authorization: str) -> str | None:
+    """Return why a request with this ``Authorization`` header is refused, or None.
+
+    Production requires a valid ``Bearer`` key; other environments are open.
+    """
+    if not runtime.settings.is_production:
+        return None
+
+    scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "missing API key: send `Authorization: Bearer <key>`; create a key with "
-            "`python -m app.cli create-api-key --name NAME`",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        return MISSING_KEY
     async with runtime.database.read() as connection:
         valid = await is_valid_key(connection, key.strip())
-    if not valid:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "invalid or revoked API key; create a new one with `python -m app.cli create-api-key --name NAME`",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    return None if valid else INVALID_KEY
+
+
+async def require_api_key(request: Request) -> None:
+    problem = await api_key_problem(request.app.state.runtime, request.headers.get("authorization", ""))
+    if problem is not None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, problem, headers={"WWW-Authenticate": "Bearer"})

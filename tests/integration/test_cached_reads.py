@@ -1,0 +1,87 @@
+"""Reads of finished projects served from the shared cache before routing."""
+
+import httpx
+from prometheus_client import REGISTRY
+
+from app.api.auth import create_api_key, revoke_api_key
+from app.cache import CacheKind
+from tests.conftest import make_settings
+from tests.integration.api_client import BRIEF, open_client, wait_for_status
+from tests.integration.helpers import FAST_WORKER
+
+READ_ROUTE = "/api/v1/projects/{project_id}"
+
+
+def served_reads() -> float:
+    labels = {"method": "GET", "path": READ_ROUTE, "status": "200"}
+    return REGISTRY.get_sample_value("toronto_ai_http_request_seconds_count", labels) or 0.0
+
+
+async def test_cached_read_matches_route(api):
+    project_id = (await api.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
+    await wait_for_status(api, project_id, "completed")
+    from_route = await api.get(f"/api/v1/projects/{project_id}")
+    runtime = api._transport.app.state.runtime
+    assert await runtime.shared_cache.get(CacheKind.PROJECT, project_id) == from_route.content
+
+    counted_before = served_reads()
+    cached = await api.get(f"/api/v1/projects/{project_id}", headers={"X-Request-ID": "cached-1"})
+
+    assert cached.status_code == 200
+    assert cached.content == from_route.content
+    assert cached.headers["content-type"] == from_route.headers["content-type"]
+    assert cached.headers["x-request-id"] == "cached-1"
+    # Counted under the route's path template, like reads that reach the route.
+    assert served_reads() == counted_before + 1
+
+
+async def test_cached_read_needs_valid_key(database_url, tmp_path):
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        TORONTO_AI_ENV="production",
+        TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION="true",
+        **FAST_WORKER,
+    )
+    app, lifespan, client = await open_client(settings, embedded_worker=True)
+    runtime = app.state.runtime
+    try:
+        async with runtime.database.transaction() as connection:
+            key = await create_api_key(connection, "reader")
+        authorized = {"Authorization": f"Bearer {key}"}
+        created = await client.post("/api/v1/projects", json={"brief": BRIEF}, headers=authorized)
+        project_id = created.json()["id"]
+        keyed = httpx.AsyncClient(transport=client._transport, base_url="http://test", headers=authorized)
+        await wait_for_status(keyed, project_id, "completed")
+        assert await runtime.shared_cache.get(CacheKind.PROJECT, project_id) is not None
+
+        with_key = await keyed.get(f"/api/v1/projects/{project_id}")
+        without_key = await client.get(f"/api/v1/projects/{project_id}")
+        wrong_key = await client.get(
+            f"/api/v1/projects/{project_id}", headers={"Authorization": "Bearer tat_wrong"}
+        )
+        async with runtime.database.transaction() as connection:
+            await revoke_api_key(connection, key)
+        revoked_key = await keyed.get(f"/api/v1/projects/{project_id}")
+    finally:
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+    assert with_key.status_code == 200
+    assert with_key.json()["status"] == "completed"
+    for refused in (without_key, wrong_key, revoked_key):
+        assert refused.status_code == 401
+        assert "create-api-key" in refused.json()["detail"]
+        assert refused.headers["www-authenticate"] == "Bearer"
+
+
+async def test_unfinished_project_not_cached(api_without_worker):
+    project_id = (await api_without_worker.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
+
+    first = await api_without_worker.get(f"/api/v1/projects/{project_id}")
+    cancelled = await api_without_worker.post(f"/api/v1/projects/{project_id}/cancel")
+    second = await api_without_worker.get(f"/api/v1/projects/{project_id}")
+
+    assert first.json()["status"] == "queued"
+    assert cancelled.status_code == 200
+    assert second.json()["status"] == "cancelled"
