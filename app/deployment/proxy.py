@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -56,6 +57,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 # Content-Length from the buffered body.
 REPLACED_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | {b"x-real-ip", b"x-forwarded-proto", b"content-length"}
 REQUEST_ID_HEADER = b"x-request-id"
+# The API cuts a longer X-Request-ID to this length too, so both log the same id.
+MAX_REQUEST_ID_LENGTH = 100
 METRICS_PATH = "/metrics"
 UPSTREAM_KEEPALIVE_SECONDS = 4.0
 BACKENDS_PATH = "/lb/backends"
@@ -305,9 +308,10 @@ class LoadBalancer:
         headers = []
         has_request_id = False
         has_length = False
+        dropped = HOP_BY_HOP_HEADERS | _connection_options(response.raw_headers)
         for name, value in response.raw_headers:
             name = name.lower()
-            if name in HOP_BY_HOP_HEADERS:
+            if name in dropped:
                 continue
             has_request_id = has_request_id or name == REQUEST_ID_HEADER
             has_length = has_length or name == b"content-length"
@@ -341,18 +345,21 @@ class LoadBalancer:
         headers: list[tuple[str, str]] = []
         forwarded_for = ""
         request_id = b""
+        dropped = REPLACED_REQUEST_HEADERS | _connection_options(scope["headers"])
         for name, value in scope["headers"]:
-            if name in REPLACED_REQUEST_HEADERS:
+            if name in dropped:
                 continue
             if name == b"x-forwarded-for":
                 forwarded_for = value.decode("latin-1")
                 continue
             if name == REQUEST_ID_HEADER:
-                request_id = value
+                # The first one counts; the instance sees exactly the id the balancer logs.
+                request_id = request_id or value[:MAX_REQUEST_ID_LENGTH]
+                continue
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
         if not request_id:
             request_id = uuid.uuid4().hex.encode()
-            headers.append(("x-request-id", request_id.decode()))
+        headers.append(("x-request-id", request_id.decode("latin-1")))
         headers.append(
             ("x-forwarded-for", f"{forwarded_for}, {client_address}" if forwarded_for else client_address)
         )
@@ -437,6 +444,16 @@ class LoadBalancer:
             {"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])}
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def _connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Return the header names listed in ``Connection``: they apply to one hop only, so a
+    proxy removes them before forwarding (RFC 9110, section 7.6.1)."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    return frozenset(names)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -61,6 +61,8 @@ class ScriptedBackend:
             status = 200 if self.healthy else 503
             await self._json(send, status, {"status": "ok" if self.healthy else "failing"})
         elif scope["path"] == "/echo":
+            # A header the response's Connection header names, which no proxy may forward.
+            hop_headers = [(b"connection", b"x-hop-only"), (b"x-hop-only", b"1")]
             await self._json(
                 send,
                 200,
@@ -71,6 +73,7 @@ class ScriptedBackend:
                     "headers": headers,
                     "body_length": len(body),
                 },
+                hop_headers,
             )
         elif scope["path"] == "/hold":
             await asyncio.to_thread(self.release.wait, 30)
@@ -98,7 +101,9 @@ class ScriptedBackend:
         await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
-    async def _json(send: Send, status: int, content: dict) -> None:
+    async def _json(
+        send: Send, status: int, content: dict, extra_headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         body = json.dumps(content).encode()
         await send(
             {
@@ -107,6 +112,7 @@ class ScriptedBackend:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *(extra_headers or []),
                 ],
             }
         )

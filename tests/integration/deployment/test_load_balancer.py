@@ -126,6 +126,26 @@ def test_forwarded_headers_and_request_id(cluster: Cluster) -> None:
     assert len(generated.headers["x-request-id"]) == 32
 
 
+def test_hop_by_hop_headers_dropped(cluster: Cluster) -> None:
+    with cluster.balancer.client() as client:
+        response = client.get(
+            "/echo", headers={"Connection": "keep-alive, X-Hop-Secret", "X-Hop-Secret": "1"}
+        )
+
+    assert response.status_code == 200
+    assert "x-hop-secret" not in response.json()["headers"]
+    assert "x-hop-only" not in response.headers
+
+
+def test_long_request_id_cut(cluster: Cluster) -> None:
+    with cluster.balancer.client() as client:
+        response = client.get("/echo", headers={"X-Request-ID": "r" * 5000})
+
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "r" * 100
+    assert response.json()["headers"]["x-request-id"] == "r" * 100
+
+
 def test_idempotent_requests_retried_elsewhere(cluster: Cluster) -> None:
     dropped_before = len(cluster.dropping.dropped)
     with cluster.balancer.client() as client:
