@@ -36,7 +36,7 @@ from app.db.records import (
 from app.db.states import FINAL_PROJECT_STATUSES, TaskKind
 from app.errors import LLMError, PlanValidationError
 from app.knowledge.service import KnowledgeService
-from app.knowledge.store import ScoredChunk
+from app.knowledge.store import ScoredChunk, load_cited_chunks
 from app.llm.base import ChatMessage, Completion, CompletionRequest
 from app.llm.cache import ResponseCache
 from app.llm.pricing import cost_usd
@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 # How long a worker uses a team it read before reading it again.
 TEAM_REFRESH_SECONDS = 10.0
+# The report covers every task, so it carries more passages than one task: this many times
+# knowledge.task_top_k.
+REPORT_PASSAGE_FACTOR = 2
 
 
 class ProjectClosedError(Exception):
@@ -88,7 +91,7 @@ class TaskExecutor:
         """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure.
 
         The prompt is built from the context the claim read, so no database read happens
-        here except the first time a team is seen.
+        here except when a team is read again and when a report gathers its tasks' passages.
         """
         lease = execution.lease
         context = lease.context
@@ -138,14 +141,27 @@ class TaskExecutor:
         top_k = self.settings.knowledge.task_top_k
         if not context.knowledge_base or top_k == 0:
             return []
-        # A plan's task description names its part of the brief. Adding the brief itself
-        # would make every task's query match the brief's opening instead.
-        question = f"{lease.title}. {lease.description}"
         if lease.kind == TaskKind.REPORT:
-            question = context.brief[:2000]
-        found = await self.knowledge.query(context.knowledge_base, question, top_k)
-        execution.sources = found.results
-        return [prompts.Passage(hit.source, hit.heading, hit.text, hit.score) for hit in found.results]
+            hits = await self._passages_of_tasks(lease.project_id, REPORT_PASSAGE_FACTOR * top_k)
+            if not hits:
+                found = await self.knowledge.query(context.knowledge_base, context.brief[:2000], top_k)
+                hits = found.results
+        else:
+            # A plan's task description names its part of the brief. Adding the brief itself
+            # would make every task's query match the brief's opening instead.
+            question = f"{lease.title}. {lease.description}"
+            hits = (await self.knowledge.query(context.knowledge_base, question, top_k)).results
+        execution.sources = hits
+        return [prompts.Passage(hit.source, hit.heading, hit.text, hit.score) for hit in hits]
+
+    async def _passages_of_tasks(self, project_id: str, limit: int) -> list[ScoredChunk]:
+        """Gather the passages the project's tasks cited, so the report cites what they used.
+
+        A query with the whole brief would match only the brief's opening, and the report
+        would cite none of the passages behind the tasks' results.
+        """
+        async with self.database.read() as connection:
+            return await load_cited_chunks(connection, project_id, limit)
 
     async def store(self, connection: AsyncConnection, execution: Execution) -> bool:
         """Store a successful attempt; return False when the lease was lost meanwhile."""

@@ -31,8 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.config import KnowledgeSettings
 from app.db.engine import Database
-from app.db.models import chunks, documents, knowledge_bases
+from app.db.models import chunks, documents, knowledge_bases, task_sources, tasks
 from app.db.records import utc_now
+from app.db.states import TaskKind
 
 # Every column a search result or a loaded index needs, one row per chunk with its document.
 CHUNK_ROWS = select(
@@ -297,3 +298,40 @@ def _collapse_duplicates(index: _Index, ranked: list[tuple[int, float]], top_k: 
         if len(results) == top_k:
             break
     return results
+
+
+async def load_cited_chunks(connection: AsyncConnection, project_id: str, limit: int) -> list[ScoredChunk]:
+    """Return the chunks the project's work tasks carried, at most ``limit``, for its report.
+
+    Each task's best passage comes first, then each task's second, and so on, so that the
+    report covers every part of the project before it adds more of one part. A chunk carried
+    by several tasks appears once, with its best score. Chunks deleted since are skipped.
+    """
+    rows = (
+        await connection.execute(
+            CHUNK_ROWS.add_columns(task_sources.c.rank, task_sources.c.score.label("cited_score"))
+            .join(task_sources, task_sources.c.chunk_id == chunks.c.id)
+            .join(tasks, tasks.c.id == task_sources.c.task_id)
+            .where(tasks.c.project_id == project_id, tasks.c.kind == TaskKind.WORK)
+        )
+    ).all()
+
+    best: dict[str, tuple[int, float, Any]] = {}
+    for row in rows:
+        known = best.get(row.id)
+        if known is None or (row.rank, -row.cited_score) < (known[0], -known[1]):
+            best[row.id] = (row.rank, row.cited_score, row)
+    ordered = sorted(best.values(), key=lambda entry: (entry[0], -entry[1], entry[2].id))
+    return [
+        ScoredChunk(
+            chunk_id=row.id,
+            document_id=row.document_id,
+            source=row.source,
+            heading=row.heading,
+            text=row.text,
+            position=row.position,
+            score=score,
+            metadata=row.metadata or {},
+        )
+        for _, score, row in ordered[:limit]
+    ]

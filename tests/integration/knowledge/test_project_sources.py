@@ -1,8 +1,9 @@
 """A project with a knowledge base, run by the offline provider through the API.
 
-Every work task and the final report get the passages most relevant to them. The task detail
-lists those passages under ``sources``, and the offline provider ends each output with a
-"### Sources" section that quotes them as [n].
+Every work task gets the passages most relevant to it, and the final report gets the passages
+its tasks used, each task's best first. The task detail lists those passages under
+``sources``, and the offline provider ends each output with a "### Sources" section that
+quotes them as [n].
 """
 
 from __future__ import annotations
@@ -66,13 +67,16 @@ async def test_tasks_record_and_cite_sources(api):
     project = await run_project(api.client, "handbook")
 
     assert project["knowledge_base"] == "handbook"
-    retrieving = [task for task in project["tasks"] if task["kind"] in ("work", "report")]
-    assert [task["kind"] for task in retrieving].count("report") == 1
-    for task in retrieving:
+    work_tasks = [task for task in project["tasks"] if task["kind"] == "work"]
+    report_tasks = [task for task in project["tasks"] if task["kind"] == "report"]
+    assert len(report_tasks) == 1
+    cited_by_tasks: list[dict] = []
+    for task in work_tasks:
         response = await api.client.get(f"/api/v1/projects/{project['id']}/tasks/{task['id']}")
         detail = response.json()
         key = detail["key"]
         sources = detail["sources"]
+        cited_by_tasks.extend(sources)
 
         assert [source["rank"] for source in sources] == list(range(1, TASK_TOP_K + 1)), key
         scores = [source["score"] for source in sources]
@@ -87,12 +91,21 @@ async def test_tasks_record_and_cite_sources(api):
         for entry, source in zip(cited, sources, strict=True):
             assert entry.startswith(f'- [{source["rank"]}] {source["source"]}, {source["heading"]}: "'), key
 
-    report_task = next(task for task in retrieving if task["kind"] == "report")
     report_detail = (
-        await api.client.get(f"/api/v1/projects/{project['id']}/tasks/{report_task['id']}")
+        await api.client.get(f"/api/v1/projects/{project['id']}/tasks/{report_tasks[0]['id']}")
     ).json()
+    report_sources = report_detail["sources"]
     assert project["report"] == report_detail["output"]
-    assert sources_section(project["report"])[0].startswith(f"- [1] {report_detail['sources'][0]['source']}")
+    assert [source["rank"] for source in report_sources] == list(range(1, len(report_sources) + 1))
+    # Every task's best passage first, then every task's second, and so on, each chunk once.
+    expected: list[str] = []
+    for source in sorted(cited_by_tasks, key=lambda item: (item["rank"], -item["score"], item["chunk_id"])):
+        if source["chunk_id"] not in expected:
+            expected.append(source["chunk_id"])
+    assert [source["chunk_id"] for source in report_sources] == expected[: 2 * TASK_TOP_K]
+    cited = sources_section(project["report"])
+    assert len(cited) == len(report_sources)
+    assert cited[0].startswith(f"- [1] {report_sources[0]['source']}")
 
 
 async def test_source_with_space_is_cited(api):
