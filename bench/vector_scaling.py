@@ -1,6 +1,6 @@
 """Benchmark of query distribution: one Chroma server against 4 partitions over 2 servers.
 
-Run ``python -m bench.vector_scaling`` (about 10 minutes on a shared 2-core machine). For each data
+Run ``python -m bench.vector_scaling`` (about 6 minutes on a shared 2-core machine). For each data
 set, the PEP corpus vectors (``bench.vector_corpus``) and synthetic clustered vectors of the
 same dimension, it:
 
