@@ -1,6 +1,6 @@
 """Benchmark of query distribution: one Chroma server against 4 partitions over 2 servers.
 
-Run ``python -m bench.vector_scaling`` (about 10 minutes on a shared 2-core machine). For each data
+Run ``python -m bench.vector_scaling`` (about 6 minutes on a shared 2-core machine). For each data
 set, the PEP corpus vectors (``bench.vector_corpus``) and synthetic clustered vectors of the
 same dimension, it:
 
@@ -10,12 +10,16 @@ same dimension, it:
    alternately on both servers;
 3. for each HNSW ``ef_search`` value (set on every collection, then both servers restarted,
    because a running Chroma 1.5.9 server keeps the value its index was loaded with), sends
-   the same queries from ``--clients`` client
-   processes at once, each one query at a time through ``QueryDistributor.query`` (every
-   partition in parallel, merged by distance then chunk id), and reports queries per second,
-   latency percentiles, recall@10 against an exact numpy search, and the CPU seconds the
-   servers and the clients spent per query;
-4. compares the two layouts at the smallest ``ef_search`` with recall@10 of at least 0.95.
+   the same queries from ``--clients`` concurrent clients, each one query at a time through
+   ``QueryDistributor.query`` (every partition in parallel, merged by distance then chunk id).
+   The clients are asyncio tasks spread evenly over ``--processes`` processes, and the clients
+   of one process share one ``QueryDistributor``, as the requests that one API process serves
+   do. Each measurement runs twice: with the distributor's default coalescing of concurrent
+   queries, and with ``query_batch_max`` 1, one request per query and partition. It reports
+   queries per second, latency percentiles, recall@10 against an exact numpy search, and the
+   CPU seconds the servers and the clients spent per query;
+4. compares the two layouts at the smallest ``ef_search`` with recall@10 of at least 0.95,
+   both coalesced, and reports each against one server with one request per query.
 
 Then, on the PEP vectors stored in a SQLite knowledge base on the 4-partition layout, it
 times ``KnowledgeService.query`` uncached and cached (the same texts again) with the same
@@ -62,6 +66,10 @@ SEED = 20261205
 TOP_K = 10
 RECALL_TARGET = 0.95
 QPS_TARGET_FACTOR = 1.2
+SINGLE = "1 server, 1 partition"
+PARTITIONED = "2 servers, 4 partitions"
+COALESCED = "coalesced"
+ONE_PER_QUERY = "one request per query"
 WARM_UP_QUERIES = 20
 WRITE_BATCH = 1000
 
@@ -83,7 +91,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic", type=int, default=200_000, help="synthetic vectors (0 skips them)")
     parser.add_argument("--clusters", type=int, default=2000, help="centres of the synthetic vectors")
     parser.add_argument("--spread", type=float, default=0.8, help="noise norm around each centre")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent client processes")
+    parser.add_argument(
+        "--clients", type=int, default=8, help="concurrent clients, each sending one query at a time"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes; the clients are asyncio tasks spread evenly over them",
+    )
     parser.add_argument(
         "--queries", type=int, default=800, help="queries per measurement, split over the clients"
     )
@@ -95,6 +111,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     arguments.ef_search = [int(value) for value in arguments.ef_search.split(",")]
     if len(arguments.ports) != 2:
         parser.error("--ports takes exactly two ports")
+    if not 1 <= arguments.processes <= arguments.clients:
+        parser.error(f"--processes must be between 1 and --clients ({arguments.clients})")
     return arguments
 
 
@@ -138,6 +156,14 @@ def vector_settings(ports: list[int]) -> VectorDbSettings:
     )
 
 
+def query_settings(settings: VectorDbSettings, mode: str) -> VectorDbSettings:
+    """Return ``settings`` with the coalescing of ``mode``: the defaults, or none at all."""
+    if mode == COALESCED:
+        return settings
+    # Every query goes out at once on its own, as before coalescing existed.
+    return settings.model_copy(update={"query_batch_max": 1, "query_requests_in_flight": 256})
+
+
 async def load(settings: VectorDbSettings, layout: Layout, matrix: np.ndarray) -> float:
     """Write every vector into ``layout``; return vectors per second."""
     store = ChromaVectorStore(None, matrix.shape[1], settings)  # upsert needs no database
@@ -160,28 +186,33 @@ async def set_ef_search(settings: VectorDbSettings, layout: Layout, ef_search: i
             await collection.modify(configuration={"hnsw": {"ef_search": ef_search}})
 
 
-def client_process(
-    settings_json: str, layout: Layout, client: int, queries: np.ndarray, barrier, output
-) -> None:
-    """Send ``queries`` one at a time after warming up; put (client, latencies, ids, start, end) on ``output``."""
+def client_process(settings_json: str, layout: Layout, lanes: dict[int, np.ndarray], barrier, output) -> None:
+    """Run one asyncio client per lane, each sending its queries one at a time, after a warm-up.
+
+    The clients share one ``QueryDistributor``. Puts (latencies and ids per lane, start, end,
+    CPU seconds) on ``output``.
+    """
     settings = VectorDbSettings.model_validate_json(settings_json)
 
     async def run() -> None:
         distributor = QueryDistributor(ChromaInstances(settings), settings)
-        for query in queries[:WARM_UP_QUERIES]:
-            await distributor.query(layout, query, TOP_K)
+
+        async def client(queries: np.ndarray, latencies: list[float], found: list[list[str]]) -> None:
+            for query in queries:
+                started = time.perf_counter()
+                result = await distributor.query(layout, query, TOP_K)
+                latencies.append(time.perf_counter() - started)
+                if result.missing_partitions:
+                    raise RuntimeError(f"partitions {result.missing_partitions} did not respond")
+                found.append([candidate.chunk_id for candidate in result.candidates])
+
+        await asyncio.gather(*(client(queries[:WARM_UP_QUERIES], [], []) for queries in lanes.values()))
         await asyncio.to_thread(barrier.wait)
-        latencies, found = [], []
+        measured = {lane: ([], []) for lane in lanes}
         began = time.time()
         cpu_started = time.process_time()
-        for query in queries:
-            started = time.perf_counter()
-            result = await distributor.query(layout, query, TOP_K)
-            latencies.append(time.perf_counter() - started)
-            if result.missing_partitions:
-                raise RuntimeError(f"partitions {result.missing_partitions} did not respond")
-            found.append([candidate.chunk_id for candidate in result.candidates])
-        output.put((client, latencies, found, began, time.time(), time.process_time() - cpu_started))
+        await asyncio.gather(*(client(queries, *measured[lane]) for lane, queries in lanes.items()))
+        output.put((measured, began, time.time(), time.process_time() - cpu_started))
 
     asyncio.run(run())
 
@@ -207,18 +238,32 @@ def server_pids(servers) -> list[int]:
 
 
 def measure_throughput(
-    settings: VectorDbSettings, layout: Layout, queries: np.ndarray, truth: np.ndarray, clients: int, servers
+    settings: VectorDbSettings,
+    layout: Layout,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    arguments: argparse.Namespace,
+    servers,
 ) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(clients + 1)  # the clients and this process, which then reads CPU times
+    barrier = context.Barrier(arguments.processes + 1)  # the clients and this process, which reads CPU times
     output = context.Queue()
-    slices = np.array_split(np.arange(len(queries)), clients)
+    slices = np.array_split(np.arange(len(queries)), arguments.clients)
     processes = [
         context.Process(
             target=client_process,
-            args=(settings.model_dump_json(), layout, client, queries[part], barrier, output),
+            args=(
+                settings.model_dump_json(),
+                layout,
+                {
+                    lane: queries[slices[lane]]
+                    for lane in range(number, arguments.clients, arguments.processes)
+                },
+                barrier,
+                output,
+            ),
         )
-        for client, part in enumerate(slices)
+        for number in range(arguments.processes)
     ]
     for process in processes:
         process.start()
@@ -228,12 +273,14 @@ def measure_throughput(
     server_cpu = cpu_seconds(server_pids(servers)) - server_cpu_before
     for process in processes:
         process.join()
-    latencies = np.array([value for result in results for value in result[1]]) * 1000
-    wall = max(result[4] for result in results) - min(result[3] for result in results)
+    latencies = np.array([value for result in results for lane in result[0].values() for value in lane[0]])
+    latencies *= 1000
+    wall = max(result[2] for result in results) - min(result[1] for result in results)
     found: list[list[str]] = [[] for _ in range(len(queries))]
-    for client, _, ids, _, _, _ in results:
-        for index, row in zip(slices[client], ids, strict=True):
-            found[index] = row
+    for measured, _, _, _ in results:
+        for lane, (_, ids) in measured.items():
+            for index, row in zip(slices[lane], ids, strict=True):
+                found[index] = row
     return {
         "qps": len(queries) / wall,
         "ms_p50": float(np.percentile(latencies, 50)),
@@ -241,7 +288,7 @@ def measure_throughput(
         "ms_p99": float(np.percentile(latencies, 99)),
         "recall_at_10": recall(found, truth),
         "server_cpu_ms_per_query": server_cpu * 1000 / len(queries),
-        "client_cpu_ms_per_query": sum(result[5] for result in results) * 1000 / len(queries),
+        "client_cpu_ms_per_query": sum(result[3] for result in results) * 1000 / len(queries),
     }
 
 
@@ -257,10 +304,8 @@ async def measure_data_set(
 ) -> dict[str, Any]:
     addresses = [instance.address for instance in settings.instances]
     layouts = {
-        "1 server, 1 partition": layout_of(f"{name}-single", [[addresses[0]]]),
-        "2 servers, 4 partitions": layout_of(
-            f"{name}-partitioned", [[addresses[partition % 2]] for partition in range(4)]
-        ),
+        SINGLE: layout_of(f"{name}-single", [[addresses[0]]]),
+        PARTITIONED: layout_of(f"{name}-partitioned", [[addresses[partition % 2]] for partition in range(4)]),
     }
     queries = make_queries(matrix, arguments.queries, arguments.query_noise, SEED)
     logger.info("%s: exact top %d of %d queries over %d vectors", name, TOP_K, len(queries), len(matrix))
@@ -275,47 +320,60 @@ async def measure_data_set(
         for ef_search in arguments.ef_search:
             await set_ef_search(settings, layout, ef_search)
             restart(servers)
-            measured = measure_throughput(settings, layout, queries, truth, arguments.clients, servers)
-            logger.info(
-                "%s, %s, ef_search %d: %.0f QPS, p95 %.1f ms, recall@10 %.3f, CPU ms/query server %.2f client %.2f",
-                name,
-                label,
-                ef_search,
-                measured["qps"],
-                measured["ms_p95"],
-                measured["recall_at_10"],
-                measured["server_cpu_ms_per_query"],
-                measured["client_cpu_ms_per_query"],
-            )
-            entry["by_ef_search"][str(ef_search)] = measured
+            by_mode = {}
+            for mode in (COALESCED, ONE_PER_QUERY):
+                measured = measure_throughput(
+                    query_settings(settings, mode), layout, queries, truth, arguments, servers
+                )
+                logger.info(
+                    "%s, %s, %s, ef_search %d: %.0f QPS, p95 %.1f ms, recall@10 %.3f, "
+                    "CPU ms/query server %.2f client %.2f",
+                    name,
+                    label,
+                    mode,
+                    ef_search,
+                    measured["qps"],
+                    measured["ms_p95"],
+                    measured["recall_at_10"],
+                    measured["server_cpu_ms_per_query"],
+                    measured["client_cpu_ms_per_query"],
+                )
+                by_mode[mode] = measured
+            entry["by_ef_search"][str(ef_search)] = by_mode
         result["layouts"][label] = entry
     result["comparison"] = compare(result["layouts"])
     return result
 
 
 def compare(measured: dict[str, Any]) -> dict[str, Any]:
-    """Compare each layout at its smallest ef_search that reaches the recall target."""
+    """Compare the layouts, coalesced, each at its smallest ef_search that reaches the recall target.
+
+    The target compares the two layouts run the same way. One server with one request per
+    query, the setup before coalescing, is reported beside it.
+    """
     chosen = {}
     for label, entry in measured.items():
-        passing = [
-            (int(ef), values)
-            for ef, values in entry["by_ef_search"].items()
-            if values["recall_at_10"] >= RECALL_TARGET
-        ]
-        chosen[label] = min(passing, key=lambda pair: pair[0]) if passing else None
-    single, partitioned = chosen["1 server, 1 partition"], chosen["2 servers, 4 partitions"]
+        for mode in (COALESCED, ONE_PER_QUERY):
+            passing = [
+                (int(ef), by_mode[mode])
+                for ef, by_mode in entry["by_ef_search"].items()
+                if by_mode[mode]["recall_at_10"] >= RECALL_TARGET
+            ]
+            chosen[label, mode] = min(passing, key=lambda pair: pair[0]) if passing else None
     comparison: dict[str, Any] = {"recall_target": RECALL_TARGET, "qps_target_factor": QPS_TARGET_FACTOR}
-    if single is None or partitioned is None:
+    if any(value is None for value in chosen.values()):
         comparison["target_met"] = False
         comparison["note"] = "a layout did not reach the recall target at any measured ef_search"
         return comparison
-    factor = partitioned[1]["qps"] / single[1]["qps"]
+    comparison["chosen"] = {
+        f"{label}, {mode}": {"ef_search": ef_search, "qps": values["qps"]}
+        for (label, mode), (ef_search, values) in chosen.items()
+    }
+    partitioned = chosen[PARTITIONED, COALESCED][1]["qps"]
+    factor = partitioned / chosen[SINGLE, COALESCED][1]["qps"]
     comparison.update(
-        single_ef_search=single[0],
-        single_qps=single[1]["qps"],
-        partitioned_ef_search=partitioned[0],
-        partitioned_qps=partitioned[1]["qps"],
         partitioned_over_single=factor,
+        partitioned_over_single_one_per_query=partitioned / chosen[SINGLE, ONE_PER_QUERY][1]["qps"],
         target_met=factor >= QPS_TARGET_FACTOR,
     )
     return comparison
@@ -417,7 +475,7 @@ async def measure_service_cache(
     return {
         "queries": len(texts),
         "concurrent_clients": arguments.clients,
-        "layout": "2 servers, 4 partitions",
+        "layout": PARTITIONED,
         "ef_search": partitioned.hnsw_ef_search,
         "uncached": uncached,
         "cached": cached,
@@ -425,6 +483,7 @@ async def measure_service_cache(
 
 
 async def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
+    settings = vector_settings(arguments.ports)
     results: dict[str, Any] = {
         "benchmark": "vector_scaling",
         "command": command,
@@ -433,6 +492,12 @@ async def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
         "machine": describe_machine(),
         "source": describe_source(),
         "clients": arguments.clients,
+        "processes": arguments.processes,
+        "coalescing": {
+            "query_batch_max": settings.query_batch_max,
+            "query_requests_in_flight": settings.query_requests_in_flight,
+            "query_batch_window_seconds": settings.query_batch_window_seconds,
+        },
         "queries": arguments.queries,
         "query_noise": arguments.query_noise,
         "ef_search_values": arguments.ef_search,
@@ -452,7 +517,6 @@ async def run(arguments: argparse.Namespace, command: str) -> dict[str, Any]:
             "clusters": arguments.clusters,
             "spread": arguments.spread,
         }
-    settings = vector_settings(arguments.ports)
     with tempfile.TemporaryDirectory(prefix="bench_vector_scaling_") as folder:
         servers = start_servers(arguments.ports, Path(folder))
         try:

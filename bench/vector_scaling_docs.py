@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.knowledge_docs import replace_section
+from bench.vector_scaling import COALESCED, ONE_PER_QUERY, PARTITIONED, SINGLE
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 DOCS_PAGE = REPOSITORY_ROOT / "docs" / "benchmarks.md"
@@ -31,25 +32,28 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     data_sets = results["data_sets"]
-    figure, axes = plt.subplots(1, len(data_sets), figsize=(5.5 * len(data_sets), 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(data_sets), figsize=(5.5 * len(data_sets), 4.8), squeeze=False)
     for axis, (name, data) in zip(axes[0], data_sets.items(), strict=True):
         for label, entry in data["layouts"].items():
             points = sorted(entry["by_ef_search"].items(), key=lambda pair: int(pair[0]))
-            recalls = [values["recall_at_10"] for _, values in points]
-            qps = [values["qps"] for _, values in points]
-            axis.plot(recalls, qps, marker="o", label=label)
-            for (ef_search, _), x, y in zip(points, recalls, qps, strict=True):
-                axis.annotate(
-                    f"ef {ef_search}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
-                )
+            for mode, style in ((COALESCED, "-"), (ONE_PER_QUERY, ":")):
+                recalls = [by_mode[mode]["recall_at_10"] for _, by_mode in points]
+                qps = [by_mode[mode]["qps"] for _, by_mode in points]
+                axis.plot(recalls, qps, marker="o", linestyle=style, label=f"{label}, {mode}")
+                for (ef_search, _), x, y in zip(points, recalls, qps, strict=True):
+                    axis.annotate(
+                        f"ef {ef_search}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+                    )
         axis.axvline(data["comparison"]["recall_target"], color="grey", linestyle=":", linewidth=1)
         axis.set_title(f"{name}: {data['vectors']:,} vectors")
         axis.set_xlabel("recall@10")
         axis.set_ylabel(f"queries per second, {results['clients']} clients")
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
+    # One legend below both plots, because four series inside either plot hide its points.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -63,9 +67,10 @@ def render_section(results: dict[str, Any]) -> str:
         f"{', '.join(map(str, results['load_average_at_end']))} at the end, on a machine that other "
         "work shared).",
         "",
-        f"{results['clients']} client processes send {results['queries']} queries between them, each one "
-        "at a time, through the product's `QueryDistributor` (every partition in parallel, merged by "
-        "distance and chunk id). Both layouts hold the same vectors on the same two `chroma run` "
+        f"{results['clients']} concurrent clients send {results['queries']} queries between them, each "
+        "one at a time, through the product's `QueryDistributor` (every partition in parallel, merged by "
+        f"distance and chunk id). {_client_setup(results)} Both layouts hold the same vectors on the "
+        "same two `chroma run` "
         "servers on this machine: one collection on the first server, or 4 partitions placed "
         "alternately on both. Recall@10 is against an exact numpy search. Queries are stored vectors "
         f"plus Gaussian noise of norm {results['query_noise']}. For each `ef_search` the servers are "
@@ -90,16 +95,21 @@ def render_section(results: dict[str, Any]) -> str:
     for name, data in results["data_sets"].items():
         lines += [f"### {name}, {data['vectors']:,} vectors of {data['dimension']} dimensions", ""]
         lines += [
-            "| layout | ef_search | QPS | p50 ms | p95 ms | recall@10 | server CPU ms/query | client CPU ms/query |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| layout | requests | ef_search | QPS | p50 ms | p95 ms | recall@10 | server CPU ms/query "
+            "| client CPU ms/query |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for label, entry in data["layouts"].items():
-            for ef_search, values in sorted(entry["by_ef_search"].items(), key=lambda pair: int(pair[0])):
-                lines.append(
-                    f"| {label} | {ef_search} | {values['qps']:,.0f} | {values['ms_p50']:.1f} | "
-                    f"{values['ms_p95']:.1f} | {values['recall_at_10']:.3f} | "
-                    f"{values['server_cpu_ms_per_query']:.2f} | {values['client_cpu_ms_per_query']:.2f} |"
-                )
+            for mode in (COALESCED, ONE_PER_QUERY):
+                for ef_search, by_mode in sorted(
+                    entry["by_ef_search"].items(), key=lambda pair: int(pair[0])
+                ):
+                    values = by_mode[mode]
+                    lines.append(
+                        f"| {label} | {mode} | {ef_search} | {values['qps']:,.0f} | {values['ms_p50']:.1f} | "
+                        f"{values['ms_p95']:.1f} | {values['recall_at_10']:.3f} | "
+                        f"{values['server_cpu_ms_per_query']:.2f} | {values['client_cpu_ms_per_query']:.2f} |"
+                    )
         writes = ", ".join(
             f"{label} {entry['write_vectors_per_second']:,.0f}" for label, entry in data["layouts"].items()
         )
@@ -128,6 +138,22 @@ def render_section(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _client_setup(results: dict[str, Any]) -> str:
+    processes = results["processes"]
+    coalescing = results["coalescing"]
+    where = "one process" if processes == 1 else f"{processes} processes"
+    return (
+        f"The clients are asyncio tasks in {where}, and the clients of one process share one "
+        "`QueryDistributor`, as the concurrent requests of one API process do. Each measurement "
+        f"runs twice. The {COALESCED} run uses the default settings: up to "
+        f"{coalescing['query_batch_max']} queries per request, "
+        f"{coalescing['query_requests_in_flight']} request in flight per partition and a window of "
+        f"{coalescing['query_batch_window_seconds'] * 1000:g} ms. The run with {ONE_PER_QUERY} sets "
+        "`query_batch_max` to 1, so every query goes to every partition at once on its own. Coalescing "
+        "joins only the queries of one process, so with as many processes as clients it changes nothing."
+    )
+
+
 def _comparison_lines(comparison: dict[str, Any]) -> list[str]:
     target = comparison["qps_target_factor"]
     if "partitioned_over_single" not in comparison:
@@ -136,35 +162,58 @@ def _comparison_lines(comparison: dict[str, Any]) -> list[str]:
             f"{comparison['recall_target']}): not met; {comparison['note']}.",
             "",
         ]
+    chosen = comparison["chosen"]
+
+    def describe(label: str, mode: str) -> str:
+        values = chosen[f"{label}, {mode}"]
+        return f"{values['qps']:,.0f} QPS (ef_search {values['ef_search']})"
+
     verdict = "met" if comparison["target_met"] else "not met"
     return [
-        f"At recall@10 of at least {comparison['recall_target']}: one server {comparison['single_qps']:,.0f} "
-        f"QPS (ef_search {comparison['single_ef_search']}), 4 partitions on 2 servers "
-        f"{comparison['partitioned_qps']:,.0f} QPS (ef_search {comparison['partitioned_ef_search']}), "
-        f"{comparison['partitioned_over_single']:.2f} times. Target of {target} times: **{verdict}**.",
+        f"At recall@10 of at least {comparison['recall_target']}, both {COALESCED}: one server "
+        f"{describe(SINGLE, COALESCED)}, 4 partitions on 2 servers {describe(PARTITIONED, COALESCED)}, "
+        f"{comparison['partitioned_over_single']:.2f} times. Target of {target} times: **{verdict}**. "
+        f"With {ONE_PER_QUERY}: one server {describe(SINGLE, ONE_PER_QUERY)}, 4 partitions "
+        f"{describe(PARTITIONED, ONE_PER_QUERY)}. Coalesced partitions against one server with one "
+        f"request per query: {comparison['partitioned_over_single_one_per_query']:.2f} times.",
         "",
     ]
 
 
 def _cpu_lines(data: dict[str, Any], cpus: int) -> list[str]:
-    """Explain the comparison by the CPU time per query of each layout at its chosen ef_search."""
+    """Explain the comparison by the CPU time per query of each layout and mode at its chosen ef_search."""
     comparison = data["comparison"]
-    if "partitioned_over_single" not in comparison:
+    if "chosen" not in comparison:
         return []
-    single = data["layouts"]["1 server, 1 partition"]["by_ef_search"][str(comparison["single_ef_search"])]
-    partitioned = data["layouts"]["2 servers, 4 partitions"]["by_ef_search"][
-        str(comparison["partitioned_ef_search"])
-    ]
 
-    def total(values: dict[str, float]) -> float:
+    def chosen(label: str, mode: str) -> dict[str, float]:
+        ef_search = comparison["chosen"][f"{label}, {mode}"]["ef_search"]
+        return data["layouts"][label]["by_ef_search"][str(ef_search)][mode]
+
+    def total(label: str, mode: str) -> float:
+        values = chosen(label, mode)
         return values["server_cpu_ms_per_query"] + values["client_cpu_ms_per_query"]
 
+    def gain(label: str) -> float:
+        return chosen(label, COALESCED)["qps"] / chosen(label, ONE_PER_QUERY)["qps"]
+
+    def saved(label: str) -> float:
+        return 100 * (1 - total(label, COALESCED) / total(label, ONE_PER_QUERY))
+
     return [
-        f"CPU per query, servers and clients together: {total(single):.1f} ms with one server, "
-        f"{total(partitioned):.1f} ms with 4 partitions, because each query becomes 4 requests, each "
-        "with its own HTTP, JSON and HNSW overhead. Here every server and client shares the same "
-        f"{cpus} CPUs, so the extra requests cost throughput instead of adding capacity; partitions "
-        "add capacity only when their servers have CPUs of their own, which one machine cannot show.",
+        "CPU per query, servers and clients together, at those ef_search values: one server "
+        f"{total(SINGLE, COALESCED):.1f} ms {COALESCED} and {total(SINGLE, ONE_PER_QUERY):.1f} ms with "
+        f"{ONE_PER_QUERY}; 4 partitions {total(PARTITIONED, COALESCED):.1f} ms {COALESCED} and "
+        f"{total(PARTITIONED, ONE_PER_QUERY):.1f} ms with {ONE_PER_QUERY}. Coalescing multiplied the "
+        f"QPS of one server by {gain(SINGLE):.1f} and that of 4 partitions by {gain(PARTITIONED):.1f}, "
+        f"and it cut the CPU per query by {saved(SINGLE):.0f}% and {saved(PARTITIONED):.0f}% "
+        "respectively, because "
+        "the queries in flight share the HTTP and JSON work of a request. A coalesced batch still "
+        "becomes 4 requests with 4 partitions, against 1 with one server, and each query still runs 4 "
+        f"HNSW searches. Here every server and client shares the same {cpus} CPUs, so the extra "
+        "requests cost throughput instead of adding capacity. Partitions add capacity only when their "
+        "servers have CPUs of their own, which one "
+        "machine cannot show.",
         "",
     ]
 

@@ -404,6 +404,24 @@ class VectorDbSettings(Section):
     query_timeout_seconds: float = Field(
         2.0, gt=0, description="A partition slower than this is asked on its next replica"
     )
+    query_batch_max: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Maximum concurrent queries that one request to a partition carries; 1 sends each alone",
+    )
+    query_requests_in_flight: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Requests to one partition at once; queries arriving while all are busy share the next",
+    )
+    query_batch_window_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=1.0,
+        description="How long a query to an idle partition waits for others to share its request",
+    )
     max_retries: int = Field(3, ge=0, le=20, description="Retries of a failed write or read on one instance")
     retry_backoff_seconds: float = Field(0.2, ge=0)
     unhealthy_seconds: float = Field(

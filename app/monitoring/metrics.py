@@ -41,6 +41,11 @@ VECTOR_PARTITION_QUERY_SECONDS = Histogram(
     ["partition", "instance", "outcome"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+VECTOR_PARTITION_QUERY_BATCH = Histogram(
+    "toronto_ai_vector_partition_query_batch_size",
+    "Queries that one request to one partition carried, coalesced from concurrent searches",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 VECTOR_PARTITIONS_MISSING = Counter(
     "toronto_ai_vector_partitions_missing_total",
     "Partitions left out of a query result because none of their replicas answered",

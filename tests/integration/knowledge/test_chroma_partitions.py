@@ -6,6 +6,7 @@ its own database, whose ids name the collections, so tests do not see each other
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 
@@ -115,17 +116,35 @@ def make_queries(vectors: np.ndarray, seed: int) -> np.ndarray:
 
 
 async def ranked(
-    store, database: Database, knowledge_base_id: str, queries: np.ndarray, field: str = "chunk_id"
+    store,
+    database: Database,
+    knowledge_base_id: str,
+    queries: np.ndarray,
+    field: str = "chunk_id",
+    *,
+    concurrently: bool = False,
 ) -> list[list[str]]:
-    """Return ``field`` of each query's hits, asserting that every partition responded."""
+    """Return ``field`` of each query's hits, asserting that every partition responded.
+
+    With ``concurrently``, every query is in flight at once, so the store coalesces them.
+    """
     async with database.read() as connection:
         version = await layouts.knowledge_base_version(connection, knowledge_base_id)
-    results = []
-    for query in queries:
-        found = await store.search(knowledge_base_id, version, query, TOP_K)
-        assert found.missing_partitions == ()
-        results.append([getattr(hit, field) for hit in found])
-    return results
+    if concurrently:
+        found = await asyncio.gather(
+            *(store.search(knowledge_base_id, version, query, TOP_K) for query in queries)
+        )
+    else:
+        found = [await store.search(knowledge_base_id, version, query, TOP_K) for query in queries]
+    assert [hits.missing_partitions for hits in found] == [()] * len(queries)
+    return [[getattr(hit, field) for hit in hits] for hits in found]
+
+
+def partition_requests() -> tuple[float, float]:
+    """Return how many requests went to partitions so far, and how many queries they carried."""
+    requests = REGISTRY.get_sample_value("toronto_ai_vector_partition_query_batch_size_count") or 0.0
+    queries = REGISTRY.get_sample_value("toronto_ai_vector_partition_query_batch_size_sum") or 0.0
+    return requests, queries
 
 
 async def stored_ids(instances: ChromaInstances, layout) -> dict[tuple[str, int], set[str]]:
@@ -326,6 +345,69 @@ async def test_query_api_lists_missing_partitions(database_url, tmp_path, chroma
     ) in metrics.text
 
 
+async def test_concurrent_queries_match_one_at_a_time(database, tmp_path, database_url, chroma_servers):
+    settings = make_settings(database_url, tmp_path, **chroma_environment(chroma_servers, 3, 0))
+    store = ChromaVectorStore(database, DIMENSION, settings.vector_db)
+    base, vectors = await fill(database, store, "coalesced", seed=51)
+    queries = make_queries(vectors, seed=52)
+    async with database.read() as connection:
+        layout = await layouts.active_layout(connection, base.id)
+    sent = QUERIES * layout.partitions
+
+    before = partition_requests()
+    alone = [await store.distributor.query(layout, query, TOP_K) for query in queries]
+    between = partition_requests()
+    together = await asyncio.gather(*(store.distributor.query(layout, query, TOP_K) for query in queries))
+    after = partition_requests()
+
+    # A query with nothing else in flight goes out alone, at once, to every partition.
+    assert between[0] - before[0] == sent
+    assert between[1] - before[1] == sent
+    # Concurrent queries share requests, and the results split per query are the same.
+    assert after[0] - between[0] < sent
+    assert after[1] - between[1] == sent
+    assert [result.missing_partitions for result in together] == [()] * QUERIES
+    assert together == alone
+    assert await ranked(store, database, base.id, queries, concurrently=True) == await ranked(
+        store, database, base.id, queries
+    )
+
+
+async def test_failed_batch_uses_replicas_or_reports(database, tmp_path, database_url, chroma_servers):
+    replicated = make_settings(database_url, tmp_path, **chroma_environment(chroma_servers, 3, 1))
+    single = make_settings(database_url, tmp_path, **chroma_environment(chroma_servers, 3, 0))
+    replicated_store = ChromaVectorStore(database, DIMENSION, replicated.vector_db)
+    single_store = ChromaVectorStore(database, DIMENSION, single.vector_db)
+    replicated_base, vectors = await fill(database, replicated_store, "batch-replicated", seed=61)
+    single_base, _ = await fill(database, single_store, "batch-single", seed=61)
+    queries = make_queries(vectors, seed=62)
+    expected = await ranked(replicated_store, database, replicated_base.id, queries)
+    async with database.read() as connection:
+        single_layout = await layouts.active_layout(connection, single_base.id)
+    stopped = chroma_servers[0]
+    lost = tuple(
+        partition for partition, replicas in enumerate(single_layout.placement) if stopped.address in replicas
+    )
+    failures_before = failures_of(stopped.address)
+
+    stopped.stop()
+    try:
+        before = partition_requests()
+        found = await ranked(replicated_store, database, replicated_base.id, queries, concurrently=True)
+        partial = await asyncio.gather(
+            *(single_store.distributor.query(single_layout, query, TOP_K) for query in queries)
+        )
+        after = partition_requests()
+    finally:
+        stopped.start()
+
+    assert found == expected
+    assert after[0] - before[0] < after[1] - before[1]  # some requests carried several queries
+    assert [result.missing_partitions for result in partial] == [lost] * QUERIES
+    assert all(candidate.partition not in lost for result in partial for candidate in result.candidates)
+    assert failures_of(stopped.address) > failures_before
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_frozen_instance_times_out_to_replica(database, tmp_path, database_url, chroma_servers):
     environment = chroma_environment(chroma_servers, 3, 1)
@@ -336,7 +418,7 @@ async def test_frozen_instance_times_out_to_replica(database, tmp_path, database
     queries = make_queries(vectors, seed=42)[:5]
     expected = await ranked(store, database, base.id, queries)
     frozen = chroma_servers[1]
-    timeouts_before = timeouts_of(frozen.address)
+    timeouts_before = failures_of(frozen.address)
 
     # SIGSTOP keeps the server's connections open but unanswered, as a server stuck in a
     # long pause would.
@@ -347,10 +429,44 @@ async def test_frozen_instance_times_out_to_replica(database, tmp_path, database
         frozen.process.send_signal(signal.SIGCONT)
 
     assert found == expected
-    assert timeouts_of(frozen.address) > timeouts_before
+    assert failures_of(frozen.address) > timeouts_before
 
 
-def timeouts_of(address: str) -> float:
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_frozen_instance_fails_whole_batch_over(database, tmp_path, database_url, chroma_servers):
+    environment = chroma_environment(chroma_servers, 3, 1)
+    environment["TORONTO_AI_VECTOR_DB__QUERY_TIMEOUT_SECONDS"] = "0.5"
+    settings = make_settings(database_url, tmp_path, **environment)
+    store = ChromaVectorStore(database, DIMENSION, settings.vector_db)
+    base, vectors = await fill(database, store, "frozen-batch", seed=71)
+    queries = make_queries(vectors, seed=72)[:5]
+    async with database.read() as connection:
+        layout = await layouts.active_layout(connection, base.id)
+    expected = [
+        [candidate.chunk_id for candidate in (await store.distributor.query(layout, query, TOP_K)).candidates]
+        for query in queries
+    ]
+    frozen = chroma_servers[1]
+    failures_before = failures_of(frozen.address)
+
+    # Each round sends one request per partition carrying all five queries. The replicas are
+    # taken in turn, so one of two rounds sends its requests to the frozen server first.
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+        rounds = [
+            await asyncio.gather(*(store.distributor.query(layout, query, TOP_K) for query in queries))
+            for _ in range(2)
+        ]
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+
+    assert failures_of(frozen.address) > failures_before
+    for found in rounds:
+        assert [result.missing_partitions for result in found] == [()] * len(queries)
+        assert [[candidate.chunk_id for candidate in result.candidates] for result in found] == expected
+
+
+def failures_of(address: str) -> float:
     """Return how many partition queries to ``address`` ended unavailable, over partitions 0 to 2."""
     return sum(
         REGISTRY.get_sample_value(
