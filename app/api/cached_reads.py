@@ -8,22 +8,28 @@ middleware serves such a read before any of them runs.
 
 It sits inside ``RequestContextMiddleware``, so the request still gets its id, its log line
 and its metrics, and it checks the API key exactly as the route does. Anything it cannot
-serve (a miss, another path or method, a rejected key) goes on to the application
-unchanged, and the application writes every error response.
+serve goes on to the application unchanged, and the application writes every error
+response: a miss, another path or method, a request with a body, an invalid read-your-writes
+position, a rejected key, and a key check that failed (the database is down, say). The
+route itself only fills the cache, so a read looks the cache up once.
 """
 
 from __future__ import annotations
 
+from starlette.requests import cookie_parser
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.consistency import POSITION_COOKIE, POSITION_HEADER
 from app.api.deps import api_key_problem
 from app.cache import CacheKind
 from app.db import projects as store
+from app.db.replicas import WalPosition
 from app.runtime import Runtime
 
 PROJECTS_PREFIX = "/api/v1/projects/"
 JSON_HEADERS = [(b"content-type", b"application/json")]
+POSITION_HEADER_NAME = POSITION_HEADER.lower().encode("latin-1")
 
 
 class CachedProjectReads:
@@ -41,7 +47,7 @@ class CachedProjectReads:
 
         runtime: Runtime = scope["app"].state.runtime
         body = await runtime.shared_cache.get(CacheKind.PROJECT, project_id)
-        if body is None or await api_key_problem(runtime, _authorization(scope)) is not None:
+        if body is None or not await _key_accepted(runtime, scope):
             await self.app(scope, receive, send)
             return
 
@@ -52,18 +58,50 @@ class CachedProjectReads:
 
 
 def _project_id(scope: Scope) -> str | None:
-    """Return the id of a ``GET /api/v1/projects/{id}`` request, or None for any other request."""
+    """Return the project id of a plain ``GET /api/v1/projects/{id}``, or None.
+
+    None also for a request this middleware leaves to the application because the route
+    would reject it: one with a body (over the size limit, say) or with an invalid
+    read-your-writes position.
+    """
     if scope["type"] != "http" or scope["method"] != "GET":
         return None
     path: str = scope["path"]
     if not path.startswith(PROJECTS_PREFIX):
         return None
     project_id = path[len(PROJECTS_PREFIX) :]
-    return project_id if store.is_id(project_id) else None
+    if not store.is_id(project_id):
+        return None
+
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return None
+        if name == POSITION_HEADER_NAME and not _is_position(value.decode("latin-1")):
+            return None
+        if name == b"cookie":
+            position = cookie_parser(value.decode("latin-1")).get(POSITION_COOKIE)
+            if position is not None and not _is_position(position):
+                return None
+    return project_id
 
 
-def _authorization(scope: Scope) -> str:
+async def _key_accepted(runtime: Runtime, scope: Scope) -> bool:
+    authorization = ""
     for name, value in scope["headers"]:
         if name == b"authorization":
-            return value.decode("latin-1")
-    return ""
+            authorization = value.decode("latin-1")
+            break
+    try:
+        return await api_key_problem(runtime, authorization) is None
+    except Exception:
+        # The route checks the key again and turns the failure into its usual response
+        # (503 while the database is down), with the usual log line.
+        return False
+
+
+def _is_position(text: str) -> bool:
+    try:
+        WalPosition.parse(text)
+    except ValueError:
+        return False
+    return True

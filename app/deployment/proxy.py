@@ -62,8 +62,8 @@ MAX_REQUEST_ID_LENGTH = 100
 METRICS_PATH = "/metrics"
 UPSTREAM_KEEPALIVE_SECONDS = 4.0
 BACKENDS_PATH = "/lb/backends"
-# Every JSON response of the API fits well under this; larger ones are streamed, so the
-# balancer's memory per request stays bounded.
+# A project's JSON is tens of kilobytes. Larger responses are streamed, so the balancer's
+# memory per request stays bounded.
 BUFFERED_RESPONSE_BYTES = 1024 * 1024
 
 
@@ -228,9 +228,11 @@ class LoadBalancer:
             if outcome is None:
                 return
             if not (outcome == "not_sent" or method in IDEMPOTENT_METHODS):
-                await self._send_error(
-                    send, 502, f"the API instance failed while handling this {method} request", request_id
+                detail = (
+                    f"the API instance failed while handling this {method} request, which may have "
+                    "taken effect: check before sending it again"
                 )
+                await self._send_error(send, 502, detail, request_id)
                 return
 
         if not tried:
@@ -353,7 +355,7 @@ class LoadBalancer:
                 forwarded_for = value.decode("latin-1")
                 continue
             if name == REQUEST_ID_HEADER:
-                # The first one counts; the instance sees exactly the id the balancer logs.
+                # The first one counts, so the instance receives exactly the id the balancer logs.
                 request_id = request_id or value[:MAX_REQUEST_ID_LENGTH]
                 continue
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
@@ -467,6 +469,9 @@ async def _read_small_body(response: aiohttp.ClientResponse, method: str) -> byt
     """Read a response body of known, bounded length whole; None for one to stream."""
     length = response.content_length
     if method == "HEAD" or length is None or length > BUFFERED_RESPONSE_BYTES:
+        return None
+    if response.status < 200 or response.status in (204, 304):
+        # These carry no body, whatever their Content-Length (RFC 9110, section 6.4.1).
         return None
     body = await response.read()
     if len(body) != length:

@@ -75,10 +75,81 @@ async def test_cached_read_needs_valid_key(database_url, tmp_path):
         assert refused.headers["www-authenticate"] == "Bearer"
 
 
+async def finished_cached_project(client) -> str:
+    project_id = (await client.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
+    await wait_for_status(client, project_id, "completed")
+    runtime = client._transport.app.state.runtime
+    assert await runtime.shared_cache.get(CacheKind.PROJECT, project_id) is not None
+    return project_id
+
+
+async def test_invalid_position_rejected_when_cached(api):
+    project_id = await finished_cached_project(api)
+
+    by_header = await api.get(f"/api/v1/projects/{project_id}", headers={"X-Toronto-AI-LSN": "garbage"})
+    api.cookies.set("toronto_ai_lsn", "garbage")
+    by_cookie = await api.get(f"/api/v1/projects/{project_id}")
+    api.cookies.set("toronto_ai_lsn", "0/16B3748")
+    valid_cookie = await api.get(f"/api/v1/projects/{project_id}")
+
+    assert by_header.status_code == 422
+    assert "X-Toronto-AI-LSN" in by_header.json()["detail"]
+    assert by_cookie.status_code == 422
+    assert "toronto_ai_lsn" in by_cookie.json()["detail"]
+    assert valid_cookie.status_code == 200
+
+
+async def test_body_limit_applies_when_cached(api):
+    project_id = await finished_cached_project(api)
+
+    response = await api.request("GET", f"/api/v1/projects/{project_id}", content=b"x" * 5000)
+
+    assert response.status_code == 413
+
+
+async def test_failed_key_check_gives_usual_503(database_url, tmp_path, monkeypatch):
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        TORONTO_AI_ENV="production",
+        TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION="true",
+        **FAST_WORKER,
+    )
+    app, lifespan, client = await open_client(settings, embedded_worker=True)
+    runtime = app.state.runtime
+    try:
+        async with runtime.database.transaction() as connection:
+            key = await create_api_key(connection, "reader")
+        client.headers["Authorization"] = f"Bearer {key}"
+        project_id = await finished_cached_project(client)
+
+        def database_down():
+            raise ConnectionRefusedError("connection refused by the test")
+
+        monkeypatch.setattr(runtime.database, "read", database_down)
+        response = await client.get(f"/api/v1/projects/{project_id}", headers={"X-Request-ID": "down-1"})
+    finally:
+        monkeypatch.undo()
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+    assert response.status_code == 503
+    assert "database is unavailable" in response.json()["detail"]
+    assert response.headers["retry-after"]
+    assert response.headers["x-request-id"] == "down-1"
+
+
+def project_cache_misses() -> float:
+    labels = {"kind": "project", "result": "miss"}
+    return REGISTRY.get_sample_value("toronto_ai_cache_requests_total", labels) or 0.0
+
+
 async def test_unfinished_project_not_cached(api_without_worker):
     project_id = (await api_without_worker.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
 
+    misses_before = project_cache_misses()
     first = await api_without_worker.get(f"/api/v1/projects/{project_id}")
+    assert project_cache_misses() == misses_before + 1
     cancelled = await api_without_worker.post(f"/api/v1/projects/{project_id}/cancel")
     second = await api_without_worker.get(f"/api/v1/projects/{project_id}")
 

@@ -129,13 +129,11 @@ async def list_projects(
 async def read_project(project_id: str, runtime: RuntimeDep, read_after: ReadAfterDep) -> Response:
     """Read a project. A finished project no longer changes, so its response is cached and
     may come from a read replica. One still changing comes from the primary, so clients
-    following it see each step at once."""
-    cache = runtime.shared_cache
-    if store.is_id(project_id):
-        cached = await cache.get(CacheKind.PROJECT, project_id)
-        if cached is not None:
-            return Response(cached, media_type="application/json")
+    following it see each step at once.
 
+    ``app.api.cached_reads`` serves cached responses before routing, so a request reaching
+    this route missed the cache, or carries something the route must reject.
+    """
     project = await runtime.database.read_stale(
         lambda connection: _load_project(connection, project_id),
         after=read_after,
@@ -143,7 +141,7 @@ async def read_project(project_id: str, runtime: RuntimeDep, read_after: ReadAft
     )
     body = project.model_dump_json().encode()
     if project.status in FINAL_PROJECT_STATUSES:
-        await cache.set(CacheKind.PROJECT, project_id, body)
+        await runtime.shared_cache.set(CacheKind.PROJECT, project_id, body)
     return Response(body, media_type="application/json")
 
 

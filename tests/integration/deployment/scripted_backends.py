@@ -2,8 +2,8 @@
 
 ``ScriptedBackend`` is an ASGI app under uvicorn in a thread: ``/health`` follows its
 ``healthy`` flag, ``/echo`` returns the request it received, ``/hold`` waits until the test
-releases it, and ``/events`` streams Server-Sent Events one at a time as the test releases
-them. ``DroppingBackend`` answers ``/health`` and closes every other connection, as an
+releases it, ``/not-modified`` responds 304 with a Content-Length, and ``/events`` streams
+Server-Sent Events one at a time as the test releases them. ``DroppingBackend`` answers ``/health`` and closes every other connection, as an
 instance that crashes while handling a request does: without a response, or, for a query
 string holding ``truncate=1``, after the headers and the first bytes of the body.
 """
@@ -78,6 +78,11 @@ class ScriptedBackend:
         elif scope["path"] == "/hold":
             await asyncio.to_thread(self.release.wait, 30)
             await self._json(send, 200, {"backend": self.name, "released": self.release.is_set()})
+        elif scope["path"] == "/not-modified":
+            # RFC 9110 lets a 304 carry the Content-Length of the body it stands for.
+            headers = [(b"content-length", b"100"), (b"etag", b'"v1"')]
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
         elif scope["path"] == "/events":
             await self._stream_events(send)
         else:

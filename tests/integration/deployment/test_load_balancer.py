@@ -126,6 +126,14 @@ def test_forwarded_headers_and_request_id(cluster: Cluster) -> None:
     assert len(generated.headers["x-request-id"]) == 32
 
 
+def test_not_modified_forwarded(cluster: Cluster) -> None:
+    with cluster.balancer.client() as client:
+        responses = [client.get("/not-modified") for _ in range(4)]
+
+    assert [response.status_code for response in responses] == [304] * 4
+    assert all(response.headers["etag"] == '"v1"' for response in responses)
+
+
 def test_hop_by_hop_headers_dropped(cluster: Cluster) -> None:
     with cluster.balancer.client() as client:
         response = client.get(
@@ -161,12 +169,15 @@ def test_idempotent_requests_retried_elsewhere(cluster: Cluster) -> None:
 
 def test_post_not_retried_after_send(cluster: Cluster) -> None:
     with cluster.balancer.client() as client:
-        statuses = [client.post("/echo", json={"n": index}).status_code for index in range(6)]
+        responses = [client.post("/echo", json={"n": index}) for index in range(6)]
         metrics = client.get("/metrics").text
+    statuses = [response.status_code for response in responses]
 
     # The dropping backend received two of the six POSTs and may have acted on them, so they
     # fail with 502 instead of running twice.
     assert statuses.count(502) == 2, statuses
+    failed = next(response for response in responses if response.status_code == 502)
+    assert "may have taken effect" in failed.json()["detail"]
     assert statuses.count(200) == 4, statuses
     assert f'toronto_ai_lb_upstream_failures_total{{backend="{cluster.dropping.address}"' in metrics
 
