@@ -48,7 +48,7 @@ class LeasedDocument:
     embedding_model: str
 
 
-ProgressCallback = Callable[[int], None]  # called with the number of chunks just embedded
+ProgressCallback = Callable[[int], None]  # called with the number of documents just stored or failed
 
 
 class DocumentIngestor:
@@ -117,27 +117,64 @@ class DocumentIngestor:
     async def process(
         self, worker_id: str, leased: list[LeasedDocument], progress: ProgressCallback | None = None
     ) -> int:
-        """Chunk, embed and store leased documents; return how many were stored."""
+        """Chunk, embed and store leased documents; return how many were stored.
+
+        Texts are embedded in slices that span the batch's documents, and each document is
+        stored as soon as all its chunks have vectors, so a document becomes searchable, and
+        progress shows, before the rest of its batch is embedded.
+        """
         mismatched = [document for document in leased if document.embedding_model != self.embedder.model_name]
         for document in mismatched:
             await self._fail(worker_id, document, _model_mismatch(document, self.embedder), final=True)
         leased = [document for document in leased if document not in mismatched]
+        if progress is not None and mismatched:
+            progress(len(mismatched))
         chunked = await asyncio.to_thread(self._chunk_all, leased)
-        texts = [chunk.text for _, pieces in chunked for chunk in pieces]
+        hashes = [[text_hash(chunk.text) for chunk in pieces] for _, pieces in chunked]
 
-        try:
-            vectors = await self._embed(worker_id, leased, texts, progress)
-        except Exception as exc:  # noqa: BLE001 - every document of the batch is retried or failed
-            for document in leased:
-                await self._fail(worker_id, document, f"embedding failed: {exc}")
-            return 0
+        # Chunks are deduplicated by content hash: a text met earlier in this batch, or
+        # already stored with this model (a licence footer, a re-added document), is not
+        # embedded again.
+        all_hashes = {digest for document_hashes in hashes for digest in document_hashes}
+        known = await self._stored_vectors({document.knowledge_base_id for document in leased}, all_hashes)
+        missing: dict[str, str] = {}
+        for (_, pieces), document_hashes in zip(chunked, hashes, strict=True):
+            for chunk, digest in zip(pieces, document_hashes, strict=True):
+                if digest not in known:
+                    missing.setdefault(digest, chunk.text)
+        texts = list(missing.values())
 
         stored = 0
-        offset = 0
-        for document, pieces in chunked:
-            document_vectors = vectors[offset : offset + len(pieces)]
-            offset += len(pieces)
-            stored += await self._store(worker_id, document, pieces, document_vectors)
+        next_document = 0
+
+        async def store_completed() -> None:
+            # Missing texts are embedded in document order, so documents complete in order.
+            nonlocal stored, next_document
+            while next_document < len(chunked) and all(digest in known for digest in hashes[next_document]):
+                document, pieces = chunked[next_document]
+                vectors = _stack([known[digest] for digest in hashes[next_document]], self.embedder.dimension)
+                stored += await self._store(worker_id, document, pieces, vectors)
+                next_document += 1
+                if progress is not None:
+                    progress(1)
+
+        await store_completed()
+        # Embed in slices and renew the leases between them: a large batch takes longer
+        # than one lease on a CPU.
+        slice_size = self.settings.batch_size * 8
+        for start in range(0, len(texts), slice_size):
+            part = texts[start : start + slice_size]
+            try:
+                vectors = await self.embedder.embed(part)
+            except Exception as exc:  # noqa: BLE001 - every document still waiting is retried or failed
+                for document, _ in chunked[next_document:]:
+                    await self._fail(worker_id, document, f"embedding failed: {exc}")
+                if progress is not None:
+                    progress(len(chunked) - next_document)
+                return stored
+            known.update({text_hash(text): vector for text, vector in zip(part, vectors, strict=True)})
+            await self._renew(worker_id, [document for document, _ in chunked[next_document:]])
+            await store_completed()
         return stored
 
     async def release(self, worker_id: str, leased: list[LeasedDocument]) -> None:
@@ -192,37 +229,6 @@ class DocumentIngestor:
             )
             for document in leased
         ]
-
-    async def _embed(
-        self,
-        worker_id: str,
-        leased: list[LeasedDocument],
-        texts: list[str],
-        progress: ProgressCallback | None,
-    ) -> np.ndarray:
-        # Chunks are deduplicated by content hash: a text met earlier in this batch, or
-        # already stored with this model (a licence footer, a re-added document), is not
-        # embedded again.
-        hashes = [text_hash(text) for text in texts]
-        known = await self._stored_vectors({document.knowledge_base_id for document in leased}, set(hashes))
-        missing = [
-            text for text, digest in dict(zip(texts, hashes, strict=True)).items() if digest not in known
-        ]
-
-        # Embed in slices and renew the leases between them: a large batch takes longer
-        # than one lease on a CPU.
-        slice_size = self.settings.batch_size * 8
-        for start in range(0, len(missing), slice_size):
-            part = missing[start : start + slice_size]
-            vectors = await self.embedder.embed(part)
-            known.update({text_hash(text): vector for text, vector in zip(part, vectors, strict=True)})
-            await self._renew(worker_id, leased)
-            if progress is not None:
-                progress(len(part))
-
-        if not texts:
-            return np.zeros((0, self.embedder.dimension), dtype=np.float32)
-        return np.vstack([known[digest] for digest in hashes])
 
     async def _stored_vectors(self, knowledge_base_ids: set[str], hashes: set[str]) -> dict[str, np.ndarray]:
         """Return the vectors already stored in these knowledge bases for these chunk hashes."""
@@ -359,3 +365,10 @@ def _held(document_id: str, worker_id: str):
         documents.c.lease_owner == worker_id,
         documents.c.status == DocumentStatus.PROCESSING,
     )
+
+
+def _stack(vectors: list[np.ndarray], dimension: int) -> np.ndarray:
+    """Return the vectors as the rows of one matrix, or an empty one for a document without chunks."""
+    if not vectors:
+        return np.zeros((0, dimension), dtype=np.float32)
+    return np.vstack(vectors)

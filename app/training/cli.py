@@ -121,8 +121,7 @@ async def _ingest_queued(runtime: Runtime, name: str, total: int) -> None:
         while True:
             leased = await runtime.ingestor.claim(worker_id, batch, knowledge_base_id=base.id)
             if leased:
-                await runtime.ingestor.process(worker_id, leased)
-                progress.update(len(leased))
+                await runtime.ingestor.process(worker_id, leased, progress=progress.update)
                 continue
             _, counts = await runtime.knowledge.describe(name)
             waiting = counts.get(DocumentStatus.PENDING, 0) + counts.get(DocumentStatus.PROCESSING, 0)

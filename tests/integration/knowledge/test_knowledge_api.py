@@ -498,3 +498,49 @@ async def test_unpaired_surrogate_in_metadata_is_422(api):
     response = await post_escaped_json(api.client, f"{BASES}/handbook/documents", {"documents": [document]})
 
     assert response.status_code == 422, response.text
+
+
+def long_document(number: int) -> str:
+    """Return a Markdown document of about ten chunks whose texts no other document shares."""
+    sections = [
+        f"## Part {part}\n\n" + f"Document {number} describes step {part} of the rollout in detail. " * 25
+        for part in range(10)
+    ]
+    return f"# Document {number}\n\n" + "\n\n".join(sections)
+
+
+async def test_documents_stored_as_embedded(database_url, tmp_path):
+    async with open_api(
+        database_url, tmp_path, embedded_worker=False, TORONTO_AI_KNOWLEDGE__BATCH_SIZE="1"
+    ) as api:
+        await api.client.post(BASES, json={"name": "rollout"})
+        await add_documents(
+            api.client, "rollout", {f"doc-{number}.md": long_document(number) for number in range(3)}
+        )
+        leased = await api.runtime.ingestor.claim("test-worker", 8)
+        embedder = api.runtime.ingestor.embedder
+        ready_at_each_call: list[int] = []
+        original_embed = embedder.embed
+
+        async def recording_embed(texts):
+            state = (await api.client.get(f"{BASES}/rollout")).json()
+            ready_at_each_call.append(state["documents"])
+            return await original_embed(texts)
+
+        embedder.embed = recording_embed
+        finished: list[int] = []
+        try:
+            stored = await api.runtime.ingestor.process("test-worker", leased, progress=finished.append)
+        finally:
+            embedder.embed = original_embed
+        state = (await api.client.get(f"{BASES}/rollout")).json()
+
+    assert len(leased) == 3
+    assert stored == 3
+    assert finished == [1, 1, 1]
+    # With 8 texts per embedding call, each document needs more than one call, and the
+    # first documents are searchable while the last one is still being embedded.
+    assert ready_at_each_call[0] == 0
+    assert ready_at_each_call[-1] == 2
+    assert state["pending_documents"] == 0
+    assert state["chunks"] > 3 * 8
