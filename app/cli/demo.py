@@ -169,7 +169,7 @@ async def _run_project(client: httpx.AsyncClient, brief_path: Path, knowledge_ba
 
 async def _follow(client: httpx.AsyncClient, project_id: str, started: float) -> None:
     titles: dict[str, str] = {}
-    total = 0
+    planned: set[str] = set()  # the tasks of the plan, which the [finished/total] counter counts
     finished = 0
     headers = {"Accept": "text/event-stream"}
     async with client.stream(
@@ -186,16 +186,18 @@ async def _follow(client: httpx.AsyncClient, project_id: str, started: float) ->
                 titles.update(
                     {task["id"]: f"{task['key']} {task['title']} ({task['role']})" for task in data["tasks"]}
                 )
-                total = len(data["tasks"])
-                print(f"{elapsed} plan accepted: {total} tasks")
+                planned.update(task["id"] for task in data["tasks"])
+                print(f"{elapsed} plan accepted: {len(planned)} tasks")
             elif kind == "task.started" and task_id in titles:
                 print(f"{elapsed} started   {titles[task_id]}")
             elif kind == "task.started":
                 # The planning task starts before the plan names the other tasks.
                 titles[task_id] = f"{data['key']} ({data['role']})"
-            elif kind == "task.completed" and task_id in titles:
+            elif kind == "task.completed" and task_id in planned:
                 finished += 1
-                print(f"{elapsed} finished  {titles[task_id]}  [{finished}/{total}]")
+                print(f"{elapsed} finished  {titles[task_id]}  [{finished}/{len(planned)}]")
+            elif kind == "task.completed" and task_id in titles:
+                print(f"{elapsed} finished  {titles[task_id]}")
             elif kind == "task.retrying":
                 print(f"{elapsed} retrying  {titles.get(task_id, task_id)}: {data['error']}")
             elif kind.startswith("project."):
