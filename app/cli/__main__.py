@@ -121,6 +121,11 @@ def serve(port: int | None) -> None:
 def key_name(text: str) -> str:
     if not 1 <= len(text.strip()) <= 100:
         raise argparse.ArgumentTypeError(f"give a name of 1 to 100 characters, not {len(text)}")
+    if not text.isprintable():
+        # A listing prints the name as it is; control characters could rewrite the terminal.
+        raise argparse.ArgumentTypeError(
+            f"invalid name {text!r}: it contains control characters; use printable characters only"
+        )
     return text.strip()
 
 

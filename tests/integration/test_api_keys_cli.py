@@ -72,3 +72,12 @@ def test_revoke_rejects_partial_key(cli_database: None, capsys: pytest.CaptureFi
     assert key[:10] in error
     assert "list-api-keys" in error
     assert "active" in listed_rows(capsys)[0]
+
+
+def test_control_characters_in_name_rejected(cli_database: None, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["create-api-key", "--name", "ci\x1b[2Jpipeline"])
+
+    assert exit_info.value.code == 2
+    assert "control characters" in capsys.readouterr().err
+    assert listed_rows(capsys) == []

@@ -85,7 +85,10 @@ class QueryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(description="The question or passage to search for")
-    top_k: int = Field(5, description="Results to return, from 1 to knowledge.max_top_k (100 by default)")
+    # Strict, so that `true` or `2.5` is rejected instead of read as a count.
+    top_k: int = Field(
+        5, strict=True, description="Results to return, from 1 to knowledge.max_top_k (100 by default)"
+    )
     source: str | None = Field(None, description="Only search the chunks of this document")
 
 

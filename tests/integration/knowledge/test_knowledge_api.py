@@ -307,6 +307,16 @@ async def test_top_k_out_of_range_is_422(api, top_k):
     assert "knowledge.max_top_k" in detail
 
 
+@pytest.mark.parametrize("top_k", [True, 2.5, "3"])
+async def test_top_k_not_integer_is_422(api, top_k):
+    await api.client.post(BASES, json={"name": "handbook"})
+
+    response = await query(api.client, "handbook", "vacation days", top_k=top_k)
+
+    assert response.status_code == 422
+    assert "top_k: Input should be a valid integer" in response.json()["detail"]
+
+
 @pytest.mark.parametrize("text", ["", "  \n\t "])
 async def test_empty_query_is_422(api, text):
     await api.client.post(BASES, json={"name": "handbook"})
