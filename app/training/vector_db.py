@@ -71,7 +71,44 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
+# The options each mode reads; any other option given is an error rather than ignored.
+MODE_OPTIONS = {
+    "configure_scaling": {"instances", "partitions", "replicas", "config_file"},
+    "partition_indices": {"partitions", "knowledge_base", "batch_size", "rollback"},
+    "status": set(),
+}
+OPTION_VALUES = (
+    "instances",
+    "partitions",
+    "replicas",
+    "config_file",
+    "knowledge_base",
+    "batch_size",
+    "rollback",
+)
+
+
+def check_options(arguments: argparse.Namespace) -> None:
+    """Raise ConfigError for an option that the chosen mode would not use."""
+    mode = next(mode for mode in MODE_OPTIONS if getattr(arguments, mode))
+    # Identity checks: `--replicas 0` is given, though 0 == False.
+    given = [
+        name
+        for name in OPTION_VALUES
+        if getattr(arguments, name) is not None and getattr(arguments, name) is not False
+    ]
+    unused = [name for name in given if name not in MODE_OPTIONS[mode]]
+    if not unused:
+        return
+    flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+    hint = ""
+    if mode == "partition_indices" and "replicas" in unused:
+        hint = "; replicas come from vector_db.replicas, set with --configure-scaling --replicas R"
+    raise ConfigError(f"vector_db --{mode.replace('_', '-')} does not take {flags}{hint}")
+
+
 async def run(arguments: argparse.Namespace, settings: Settings) -> int:
+    check_options(arguments)
     if arguments.configure_scaling:
         return await configure_scaling(arguments, settings)
     if arguments.status:
