@@ -311,6 +311,10 @@ class LoadBalancer:
         has_request_id = False
         has_length = False
         dropped = HOP_BY_HOP_HEADERS | _connection_options(response.raw_headers)
+        if _has_no_body(response.status):
+            # uvicorn rejects a Content-Length on a response it sends without a body, and
+            # the client needs none: these statuses never have one.
+            dropped = dropped | {b"content-length"}
         for name, value in response.raw_headers:
             name = name.lower()
             if name in dropped:
@@ -465,13 +469,20 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _has_no_body(status: int) -> bool:
+    """Tell whether a response with this status has no body, whatever its Content-Length.
+
+    RFC 9110, section 6.4.1: 1xx, 204 and 304 responses carry no content.
+    """
+    return status < 200 or status in (204, 304)
+
+
 async def _read_small_body(response: aiohttp.ClientResponse, method: str) -> bytes | None:
     """Read a response body of known, bounded length whole; None for one to stream."""
     length = response.content_length
     if method == "HEAD" or length is None or length > BUFFERED_RESPONSE_BYTES:
         return None
-    if response.status < 200 or response.status in (204, 304):
-        # These carry no body, whatever their Content-Length (RFC 9110, section 6.4.1).
+    if _has_no_body(response.status):
         return None
     body = await response.read()
     if len(body) != length:

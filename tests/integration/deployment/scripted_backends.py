@@ -2,10 +2,14 @@
 
 ``ScriptedBackend`` is an ASGI app under uvicorn in a thread: ``/health`` follows its
 ``healthy`` flag, ``/echo`` returns the request it received, ``/hold`` waits until the test
-releases it, ``/not-modified`` responds 304 with a Content-Length, and ``/events`` streams
-Server-Sent Events one at a time as the test releases them. ``DroppingBackend`` answers ``/health`` and closes every other connection, as an
-instance that crashes while handling a request does: without a response, or, for a query
-string holding ``truncate=1``, after the headers and the first bytes of the body.
+releases it, ``/not-modified`` responds 304, and ``/events`` streams Server-Sent Events one
+at a time as the test releases them.
+
+``DroppingBackend`` answers ``/health``, and ``/not-modified`` with a 304 that carries a
+Content-Length, which RFC 9110 allows and uvicorn cannot send. It closes every other
+connection, as an instance that crashes while handling a request does: without a response,
+or, for a query string holding ``truncate=1``, after the headers and the first bytes of the
+body.
 """
 
 from __future__ import annotations
@@ -79,8 +83,7 @@ class ScriptedBackend:
             await asyncio.to_thread(self.release.wait, 30)
             await self._json(send, 200, {"backend": self.name, "released": self.release.is_set()})
         elif scope["path"] == "/not-modified":
-            # RFC 9110 lets a 304 carry the Content-Length of the body it stands for.
-            headers = [(b"content-length", b"100"), (b"etag", b'"v1"')]
+            headers = [(b"etag", b'"v1"')]
             await send({"type": "http.response.start", "status": 304, "headers": headers})
             await send({"type": "http.response.body", "body": b""})
         elif scope["path"] == "/events":
@@ -140,6 +143,12 @@ class _DroppingHandler(socketserver.BaseRequestHandler):
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 + f"content-length: {len(body)}\r\n\r\n".encode()
                 + body
+            )
+            return
+        if request_line.split(" ")[1:2] == ["/not-modified"]:
+            # The Content-Length of the body this 304 stands for, though the 304 has none.
+            self.request.sendall(
+                b'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\ncontent-length: 100\r\nconnection: close\r\n\r\n'
             )
             return
         self.server.dropped.append(request_line)  # type: ignore[attr-defined]
