@@ -9,6 +9,7 @@ that each lease is still held.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -83,6 +84,7 @@ class TaskExecutor:
         self.settings = settings
         self.knowledge = knowledge
         self._teams: dict[str, tuple[float, dict[str, RoleSpec]]] = {}
+        self._team_reads: dict[str, asyncio.Lock] = {}
 
     async def execute(self, execution: Execution) -> None:
         """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure.
@@ -122,14 +124,24 @@ class TaskExecutor:
         # Every process stores its configured team at start-up, so a restarted API instance
         # may change the stored roles while this worker runs. Reading the team once per
         # TEAM_REFRESH_SECONDS picks that up without a read per task.
-        cached = self._teams.get(name)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < TEAM_REFRESH_SECONDS:
-            return cached[1]
-        async with self.database.read() as connection:
-            team = await load_team(connection, name)
-        self._teams[name] = (now, team)
+        team = self._fresh_team(name)
+        if team is not None:
+            return team
+        # Tasks claimed together all miss the cache together. One of them reads the team and
+        # the others wait for it, instead of each taking a pooled connection for the same read.
+        async with self._team_reads.setdefault(name, asyncio.Lock()):
+            team = self._fresh_team(name)
+            if team is None:
+                async with self.database.read() as connection:
+                    team = await load_team(connection, name)
+                self._teams[name] = (time.monotonic(), team)
         return team
+
+    def _fresh_team(self, name: str) -> dict[str, RoleSpec] | None:
+        cached = self._teams.get(name)
+        if cached is not None and time.monotonic() - cached[0] < TEAM_REFRESH_SECONDS:
+            return cached[1]
+        return None
 
     async def _retrieve(
         self, execution: Execution, context: TaskContext, lease: Lease
