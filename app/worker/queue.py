@@ -199,41 +199,50 @@ class TaskQueue:
         self.settings = settings
 
     async def claim(self, worker_id: str, limit: int) -> list[Lease]:
-        """Lease up to ``limit`` ready tasks, oldest first, each with the context its prompt needs."""
-        now = time.time()
+        """Lease up to ``limit`` ready tasks in a transaction of their own; see ``claim_in``."""
         async with self.database.transaction() as connection:
-            rows = (
-                await connection.execute(
-                    CLAIM_TASKS,
-                    {
-                        "claim_limit": limit,
-                        "claim_now": now,
-                        "claim_worker": worker_id,
-                        "claim_expires_at": now + self.settings.lease_seconds,
-                        "claim_started_at": utc_now(),
-                    },
-                )
-            ).all()
-            if not rows:
-                return []
-            contexts = await _read_contexts(connection, rows)
-            leases = [
-                Lease(
-                    row.id,
-                    row.project_id,
-                    row.kind,
-                    row.key,
-                    row.title,
-                    row.description,
-                    row.role,
-                    row.attempts,
-                    row.max_attempts,
-                    row.lease_token,
-                    contexts[row.id],
-                )
-                for row in rows
-            ]
-            await self._record_claims(connection, worker_id, leases)
+            return await self.claim_in(connection, worker_id, limit)
+
+    async def claim_in(self, connection: AsyncConnection, worker_id: str, limit: int) -> list[Lease]:
+        """Lease up to ``limit`` ready tasks, oldest first, each with the context its prompt needs.
+
+        Runs in the caller's transaction, so the leases exist only once it commits. A worker
+        calls this in the transaction that stores finished tasks, to fill their slots without
+        a transaction of its own.
+        """
+        now = time.time()
+        rows = (
+            await connection.execute(
+                CLAIM_TASKS,
+                {
+                    "claim_limit": limit,
+                    "claim_now": now,
+                    "claim_worker": worker_id,
+                    "claim_expires_at": now + self.settings.lease_seconds,
+                    "claim_started_at": utc_now(),
+                },
+            )
+        ).all()
+        if not rows:
+            return []
+        contexts = await _read_contexts(connection, rows)
+        leases = [
+            Lease(
+                row.id,
+                row.project_id,
+                row.kind,
+                row.key,
+                row.title,
+                row.description,
+                row.role,
+                row.attempts,
+                row.max_attempts,
+                row.lease_token,
+                contexts[row.id],
+            )
+            for row in rows
+        ]
+        await self._record_claims(connection, worker_id, leases)
         return leases
 
     async def heartbeat(self, worker_id: str, held: dict[str, int]) -> set[str]:
