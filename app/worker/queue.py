@@ -23,7 +23,7 @@ from app.core.config import WorkerSettings
 from app.db.engine import Database
 from app.db.locking import lock_tasks_in_id_order
 from app.db.models import projects, task_attempts, task_dependencies, tasks
-from app.db.records import NewEvent, append_events, append_events_many, utc_now
+from app.db.records import NewEvent, append_events, append_events_many, insert_rows, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
 
 # The statements of the hot path are built once: SQLAlchemy then only looks up their
@@ -525,8 +525,9 @@ class TaskQueue:
 
     async def _record_claims(self, connection: AsyncConnection, worker_id: str, leases: list[Lease]) -> None:
         now = utc_now()
-        await connection.execute(
-            task_attempts.insert(),
+        await insert_rows(
+            connection,
+            task_attempts,
             [
                 {
                     "task_id": lease.task_id,
