@@ -106,29 +106,23 @@ FINISH_ATTEMPT = (
         outcome=bindparam("done_outcome"), error=bindparam("attempt_error"), finished_at=bindparam("done_at")
     )
 )
-# Dependencies of a dependent that finish in the same batch are counted off together.
-_FINISHED_DEPENDENCIES = (
-    select(func.count())
-    .where(
-        task_dependencies.c.task_id == tasks.c.id,
-        task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)),
-    )
-    .scalar_subquery()
+# Dependencies of a dependent that finish in the same batch are counted off together. The
+# counts are joined in (UPDATE ... FROM), so each dependent's count is computed once rather
+# than once per SET expression that reads it.
+_FINISHED_COUNTS = (
+    select(task_dependencies.c.task_id, func.count().label("finished"))
+    .where(task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)))
+    .group_by(task_dependencies.c.task_id)
+    .subquery("finished_counts")
 )
 _BECOMES_READY = and_(
-    tasks.c.pending_dependencies == _FINISHED_DEPENDENCIES, tasks.c.status == TaskStatus.BLOCKED
+    tasks.c.pending_dependencies == _FINISHED_COUNTS.c.finished, tasks.c.status == TaskStatus.BLOCKED
 )
 RELEASE_DEPENDENTS = (
     update(tasks)
-    .where(
-        tasks.c.id.in_(
-            select(task_dependencies.c.task_id)
-            .where(task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)))
-            .scalar_subquery()
-        )
-    )
+    .where(tasks.c.id == _FINISHED_COUNTS.c.task_id)
     .values(
-        pending_dependencies=tasks.c.pending_dependencies - _FINISHED_DEPENDENCIES,
+        pending_dependencies=tasks.c.pending_dependencies - _FINISHED_COUNTS.c.finished,
         status=case((_BECOMES_READY, TaskStatus.READY), else_=tasks.c.status),
         available_at=case((_BECOMES_READY, bindparam("ready_at")), else_=tasks.c.available_at),
     )
