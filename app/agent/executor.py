@@ -170,6 +170,16 @@ class TaskExecutor:
         Returns, per execution, whether it was stored; an attempt whose lease was lost
         meanwhile stores nothing. The rows of all stored attempts go in one insert per table.
         """
+        stored, _ = await self.store_and_claim(connection, executions, "", 0)
+        return stored
+
+    async def store_and_claim(
+        self, connection: AsyncConnection, executions: Sequence[Execution], worker_id: str, limit: int
+    ) -> tuple[list[bool], list[Lease]]:
+        """Store attempts as ``store_many`` does and lease up to ``limit`` ready tasks for ``worker_id``.
+
+        Returns what ``store_many`` returns and the new leases; see ``TaskQueue.complete_and_claim``.
+        """
         finished = [
             FinishedTask(
                 execution.lease,
@@ -184,11 +194,11 @@ class TaskExecutor:
             )
             for execution in executions
         ]
-        stored = await self.queue.complete_many(connection, finished)
+        stored, leases = await self.queue.complete_and_claim(connection, finished, worker_id, limit)
         kept = [execution for execution, was_stored in zip(executions, stored, strict=True) if was_stored]
         if kept:
             await self._store_records(connection, kept)
-        return stored
+        return stored, leases
 
     async def _store_records(self, connection: AsyncConnection, executions: Sequence[Execution]) -> None:
         now = utc_now()

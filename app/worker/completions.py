@@ -177,12 +177,11 @@ class CompletionBatcher:
 
     async def _store_batch(self, batch: list[_Pending]) -> None:
         claim_limit = self.refill.limit(len(batch)) if self.refill is not None else 0
-        leases: list[Lease] = []
         try:
             async with self.database.transaction() as connection:
-                results = await self.executor.store_many(connection, [item.execution for item in batch])
-                if claim_limit > 0:
-                    leases = await self.executor.queue.claim_in(connection, self.worker_id, claim_limit)
+                results, leases = await self.executor.store_and_claim(
+                    connection, [item.execution for item in batch], self.worker_id, claim_limit
+                )
         except Exception as exc:  # noqa: BLE001 - each result is retried alone below
             if len(batch) == 1:
                 _settle(batch[0], exc)

@@ -200,10 +200,17 @@ class TaskQueue:
     async def claim_in(self, connection: AsyncConnection, worker_id: str, limit: int) -> list[Lease]:
         """Lease up to ``limit`` ready tasks, oldest first, each with the context its prompt needs.
 
-        Runs in the caller's transaction, so the leases exist only once it commits. A worker
-        calls this in the transaction that stores finished tasks, to fill their slots without
-        a transaction of its own.
+        Runs in the caller's transaction, so the leases exist only once it commits. To claim
+        in the transaction that stores finished tasks, use ``complete_and_claim``.
         """
+        leases, events_by_project = await self._lease(connection, worker_id, limit)
+        await append_events_many(connection, events_by_project)
+        return leases
+
+    async def _lease(
+        self, connection: AsyncConnection, worker_id: str, limit: int
+    ) -> tuple[list[Lease], dict[str, list[NewEvent]]]:
+        """Lease up to ``limit`` ready tasks; return the leases and the events still to store."""
         now = time.time()
         rows = (
             await connection.execute(
@@ -218,7 +225,7 @@ class TaskQueue:
             )
         ).all()
         if not rows:
-            return []
+            return [], {}
         contexts = await _read_contexts(connection, rows)
         leases = [
             Lease(
@@ -236,8 +243,7 @@ class TaskQueue:
             )
             for row in rows
         ]
-        await self._record_claims(connection, worker_id, leases)
-        return leases
+        return leases, await self._record_claims(connection, worker_id, leases)
 
     async def heartbeat(self, worker_id: str, held: dict[str, int]) -> set[str]:
         """Extend the leases of ``held`` (task id to token); return the ids no longer held."""
@@ -393,8 +399,21 @@ class TaskQueue:
         False, with nothing changed for that task, when its lease is no longer held because
         the task was cancelled or its lease expired and another worker took it over.
         """
-        if not finished:
-            return []
+        stored, _ = await self.complete_and_claim(connection, finished, "", 0)
+        return stored
+
+    async def complete_and_claim(
+        self, connection: AsyncConnection, finished: Sequence[FinishedTask], worker_id: str, limit: int
+    ) -> tuple[list[bool], list[Lease]]:
+        """Store finished tasks as ``complete_many`` does, then lease up to ``limit`` ready tasks.
+
+        Returns what ``complete_many`` returns and the new leases. One statement numbers the
+        events of both and locks their project rows in id order. Two batches that locked
+        their projects in two passes, one for the results and one for the claims, could each
+        hold a row that the other's second pass waits for, which PostgreSQL ends as a deadlock.
+        """
+        if not finished and limit <= 0:
+            return [], []
         # Locking the rows first, in id order, makes the check and the writes below one
         # atomic step: a sweep or cancel that runs meanwhile waits for this transaction.
         # The dependents released below are locked in the same pass, so that a cancel or
@@ -415,12 +434,20 @@ class TaskQueue:
         locked = await connection.execute(LOCK_RUNNING_TASKS, {"task_ids": finished_ids})
         tokens = dict(locked.all())
         held = [item for item in finished if tokens.get(item.lease.task_id) == item.lease.token]
-        if held:
-            await self._store_completions(connection, held)
+        events_by_project = await self._store_completions(connection, held) if held else {}
+        leases: list[Lease] = []
+        if limit > 0:
+            leases, claim_events = await self._lease(connection, worker_id, limit)
+            for project_id, new_events in claim_events.items():
+                events_by_project.setdefault(project_id, []).extend(new_events)
+        await append_events_many(connection, events_by_project)
         held_ids = {id(item) for item in held}
-        return [id(item) in held_ids for item in finished]
+        return [id(item) in held_ids for item in finished], leases
 
-    async def _store_completions(self, connection: AsyncConnection, held: Sequence[FinishedTask]) -> None:
+    async def _store_completions(
+        self, connection: AsyncConnection, held: Sequence[FinishedTask]
+    ) -> dict[str, list[NewEvent]]:
+        """Write the finished tasks' rows; return their events, which the caller stores."""
         now = utc_now()
         await connection.execute(
             COMPLETE_TASK,
@@ -460,7 +487,7 @@ class TaskQueue:
             )
         for task_id, project_id in released:
             events_by_project.setdefault(project_id, []).append(NewEvent("task.ready", {}, task_id))
-        await append_events_many(connection, events_by_project)
+        return events_by_project
 
     async def fail(
         self, connection: AsyncConnection, task_id: str, project_id: str, token: int, reason: str
@@ -517,7 +544,10 @@ class TaskQueue:
         )
         return bool(result.rowcount)
 
-    async def _record_claims(self, connection: AsyncConnection, worker_id: str, leases: list[Lease]) -> None:
+    async def _record_claims(
+        self, connection: AsyncConnection, worker_id: str, leases: list[Lease]
+    ) -> dict[str, list[NewEvent]]:
+        """Insert the attempts of new leases; return their events, which the caller stores."""
         now = utc_now()
         await insert_rows(
             connection,
@@ -554,8 +584,7 @@ class TaskQueue:
             )
             for (project_id,) in started:
                 by_project[project_id].insert(0, NewEvent("project.planning"))
-
-        await append_events_many(connection, by_project)
+        return by_project
 
 
 async def release_dependents_many(
