@@ -9,6 +9,7 @@ that each lease is still held.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -86,6 +87,7 @@ class TaskExecutor:
         self.settings = settings
         self.knowledge = knowledge
         self._teams: dict[str, tuple[float, dict[str, RoleSpec]]] = {}
+        self._team_reads: dict[str, asyncio.Lock] = {}
 
     async def execute(self, execution: Execution) -> None:
         """Run the attempt, filling ``execution``; raise LLMError or PlanValidationError on failure.
@@ -125,14 +127,24 @@ class TaskExecutor:
         # Every process stores its configured team at start-up, so a restarted API instance
         # may change the stored roles while this worker runs. Reading the team once per
         # TEAM_REFRESH_SECONDS picks that up without a read per task.
-        cached = self._teams.get(name)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < TEAM_REFRESH_SECONDS:
-            return cached[1]
-        async with self.database.read() as connection:
-            team = await load_team(connection, name)
-        self._teams[name] = (now, team)
+        team = self._fresh_team(name)
+        if team is not None:
+            return team
+        # Tasks claimed together all miss the cache together. One of them reads the team and
+        # the others wait for it, instead of each taking a pooled connection for the same read.
+        async with self._team_reads.setdefault(name, asyncio.Lock()):
+            team = self._fresh_team(name)
+            if team is None:
+                async with self.database.read() as connection:
+                    team = await load_team(connection, name)
+                self._teams[name] = (time.monotonic(), team)
         return team
+
+    def _fresh_team(self, name: str) -> dict[str, RoleSpec] | None:
+        cached = self._teams.get(name)
+        if cached is not None and time.monotonic() - cached[0] < TEAM_REFRESH_SECONDS:
+            return cached[1]
+        return None
 
     async def _retrieve(
         self, execution: Execution, context: TaskContext, lease: Lease
@@ -174,6 +186,16 @@ class TaskExecutor:
         Returns, per execution, whether it was stored; an attempt whose lease was lost
         meanwhile stores nothing. The rows of all stored attempts go in one insert per table.
         """
+        stored, _ = await self.store_and_claim(connection, executions, "", 0)
+        return stored
+
+    async def store_and_claim(
+        self, connection: AsyncConnection, executions: Sequence[Execution], worker_id: str, limit: int
+    ) -> tuple[list[bool], list[Lease]]:
+        """Store attempts as ``store_many`` does and lease up to ``limit`` ready tasks for ``worker_id``.
+
+        Returns what ``store_many`` returns and the new leases; see ``TaskQueue.complete_and_claim``.
+        """
         finished = [
             FinishedTask(
                 execution.lease,
@@ -188,11 +210,11 @@ class TaskExecutor:
             )
             for execution in executions
         ]
-        stored = await self.queue.complete_many(connection, finished)
+        stored, leases = await self.queue.complete_and_claim(connection, finished, worker_id, limit)
         kept = [execution for execution, was_stored in zip(executions, stored, strict=True) if was_stored]
         if kept:
             await self._store_records(connection, kept)
-        return stored
+        return stored, leases
 
     async def _store_records(self, connection: AsyncConnection, executions: Sequence[Execution]) -> None:
         now = utc_now()

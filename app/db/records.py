@@ -6,12 +6,14 @@ with the state change it describes, or not at all.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, case, update
+from sqlalchemy import Insert, Table, bindparam, case, func, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.models import artifacts, events, llm_calls, messages, projects, task_sources
@@ -91,7 +93,7 @@ async def append_events_many(
             }
             for offset, event in enumerate(events_by_project[project_id])
         ]
-    await connection.execute(events.insert(), event_rows)
+    await insert_rows(connection, events, event_rows)
 
 
 def message_rows(
@@ -150,9 +152,32 @@ def llm_call_rows(
 
 
 async def insert_rows(connection: AsyncConnection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert ``rows`` into ``table`` in one statement; nothing happens when there are none."""
-    if rows:
+    """Insert ``rows`` into ``table`` in one statement; nothing happens when there are none.
+
+    Every row must have the same keys. On PostgreSQL the rows go as one array per column
+    (see ``_array_insert``); elsewhere as one multi-row INSERT.
+    """
+    if not rows:
+        return
+    if connection.dialect.name != "postgresql":
         await connection.execute(table.insert(), list(rows))
+        return
+    keys = tuple(rows[0])
+    await connection.execute(_array_insert(table, keys), {key: [row[key] for row in rows] for key in keys})
+
+
+@functools.cache
+def _array_insert(table: Table, keys: tuple[str, ...]) -> Insert:
+    """Build ``INSERT INTO table (keys) SELECT unnest(:key1), unnest(:key2), ...`` for PostgreSQL.
+
+    The statement text is the same for any number of rows, so PostgreSQL plans it once per
+    connection, and the driver encodes each column as one array instead of one parameter
+    per value. A multi-row INSERT has a new text, and a new plan, for each row count.
+    Set-returning functions in one select list advance together, so the arrays, all of
+    one length, yield one row per element.
+    """
+    values = [func.unnest(bindparam(key, type_=ARRAY(table.c[key].type))) for key in keys]
+    return table.insert().from_select(list(keys), select(*values))
 
 
 async def add_messages(

@@ -71,6 +71,9 @@ class CommitRelay:
         # Rows given as parameters; an INSERT with inline VALUES has none and is not relayed,
         # which only delays its readers until they poll.
         rows = [row for row in (multiparams or [params]) if isinstance(row, dict) and "project_id" in row]
+        if statement.select is not None:
+            # INSERT ... SELECT unnest(...) of ``insert_rows`` on PostgreSQL: one list per column.
+            rows = [row for columns in rows for row in _rows_of_columns(columns)]
         if not rows:
             return
         changes = connection.info.get(PENDING)
@@ -126,6 +129,11 @@ class CommitRelay:
             task = asyncio.get_running_loop().create_task(self.cache.delete(CacheKind.PROJECT, project_id))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+def _rows_of_columns(columns: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(columns)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 def _public_event(row: dict[str, Any]) -> dict[str, Any]:

@@ -9,11 +9,17 @@ arrive, so the batch is stored at once. On a database server up to
 A task counts as completed only once its batch has committed: ``store`` returns after the
 commit, and never before.
 
+With a ``Refill``, the transaction that stores a batch also claims up to one new task for
+each result in it, because each result frees one slot of the worker. The freed slots are
+filled in the same commit, so a worker with work waiting spends no separate transaction,
+and no wait for one, on claiming.
+
 Every result in a batch is checked against its lease token, so a stale result is dropped
 without affecting the others. When the batch transaction fails, its results are stored
 again one per transaction, so that one result the database rejects does not lose the rest.
 A result that still fails raises from ``store``; its lease then expires and the sweeper
-returns the task to the queue, as for a worker that died.
+returns the task to the queue, as for a worker that died. Those retries claim nothing: the
+worker's claim loop fills the slots once they are free.
 """
 
 from __future__ import annotations
@@ -27,12 +33,23 @@ from dataclasses import dataclass, field
 from app.agent.executor import Execution, TaskExecutor
 from app.core.config import WorkerSettings
 from app.db.engine import Database
+from app.worker.queue import Lease
 
 logger = logging.getLogger(__name__)
 
 # Batches stored at once on a database server: while one batch commits, the next is built
 # and sent on another pooled connection.
 MAX_CONCURRENT_FLUSHES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Refill:
+    """How a batch claims tasks for the slots its results free, in the transaction that stores it."""
+
+    # Given the results in a batch, returns how many tasks to claim; 0 claims none.
+    limit: Callable[[int], int]
+    # Takes the claimed leases once the batch has committed and its results are settled.
+    start: Callable[[list[Lease]], None]
 
 
 @dataclass(slots=True)
@@ -54,6 +71,7 @@ class CompletionBatcher:
         settings: WorkerSettings,
         worker_id: str,
         running_tasks: Callable[[], int] | None = None,
+        refill: Refill | None = None,
     ) -> None:
         """``running_tasks`` returns how many tasks of the worker may still hand in a result.
 
@@ -61,6 +79,7 @@ class CompletionBatcher:
         """
         self.database = database
         self.running_tasks = running_tasks
+        self.refill = refill
         self.executor = executor
         self.batch_size = settings.completion_batch_size
         self.flush_seconds = settings.completion_flush_seconds
@@ -157,9 +176,12 @@ class CompletionBatcher:
             self._flush_slots.release()
 
     async def _store_batch(self, batch: list[_Pending]) -> None:
+        claim_limit = self.refill.limit(len(batch)) if self.refill is not None else 0
         try:
             async with self.database.transaction() as connection:
-                results = await self.executor.store_many(connection, [item.execution for item in batch])
+                results, leases = await self.executor.store_and_claim(
+                    connection, [item.execution for item in batch], self.worker_id, claim_limit
+                )
         except Exception as exc:  # noqa: BLE001 - each result is retried alone below
             if len(batch) == 1:
                 _settle(batch[0], exc)
@@ -175,6 +197,10 @@ class CompletionBatcher:
             return
         for item, stored in zip(batch, results, strict=True):
             _settle(item, stored)
+        if leases:
+            # Called before the tasks of the batch resume and give up their slots, so the
+            # worker never counts a slot as free that a lease of this batch already fills.
+            self.refill.start(leases)
 
     async def _store_alone(self, item: _Pending) -> None:
         try:

@@ -23,7 +23,7 @@ from app.core.config import WorkerSettings
 from app.db.engine import Database
 from app.db.locking import lock_tasks_in_id_order
 from app.db.models import projects, task_attempts, task_dependencies, tasks
-from app.db.records import NewEvent, append_events, append_events_many, utc_now
+from app.db.records import NewEvent, append_events, append_events_many, insert_rows, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
 
 # The statements of the hot path are built once: SQLAlchemy then only looks up their
@@ -106,29 +106,23 @@ FINISH_ATTEMPT = (
         outcome=bindparam("done_outcome"), error=bindparam("attempt_error"), finished_at=bindparam("done_at")
     )
 )
-# Dependencies of a dependent that finish in the same batch are counted off together.
-_FINISHED_DEPENDENCIES = (
-    select(func.count())
-    .where(
-        task_dependencies.c.task_id == tasks.c.id,
-        task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)),
-    )
-    .scalar_subquery()
+# Dependencies of a dependent that finish in the same batch are counted off together. The
+# counts are joined in (UPDATE ... FROM), so each dependent's count is computed once rather
+# than once per SET expression that reads it.
+_FINISHED_COUNTS = (
+    select(task_dependencies.c.task_id, func.count().label("finished"))
+    .where(task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)))
+    .group_by(task_dependencies.c.task_id)
+    .subquery("finished_counts")
 )
 _BECOMES_READY = and_(
-    tasks.c.pending_dependencies == _FINISHED_DEPENDENCIES, tasks.c.status == TaskStatus.BLOCKED
+    tasks.c.pending_dependencies == _FINISHED_COUNTS.c.finished, tasks.c.status == TaskStatus.BLOCKED
 )
 RELEASE_DEPENDENTS = (
     update(tasks)
-    .where(
-        tasks.c.id.in_(
-            select(task_dependencies.c.task_id)
-            .where(task_dependencies.c.depends_on_id.in_(bindparam("finished_ids", expanding=True)))
-            .scalar_subquery()
-        )
-    )
+    .where(tasks.c.id == _FINISHED_COUNTS.c.task_id)
     .values(
-        pending_dependencies=tasks.c.pending_dependencies - _FINISHED_DEPENDENCIES,
+        pending_dependencies=tasks.c.pending_dependencies - _FINISHED_COUNTS.c.finished,
         status=case((_BECOMES_READY, TaskStatus.READY), else_=tasks.c.status),
         available_at=case((_BECOMES_READY, bindparam("ready_at")), else_=tasks.c.available_at),
     )
@@ -199,42 +193,57 @@ class TaskQueue:
         self.settings = settings
 
     async def claim(self, worker_id: str, limit: int) -> list[Lease]:
-        """Lease up to ``limit`` ready tasks, oldest first, each with the context its prompt needs."""
-        now = time.time()
+        """Lease up to ``limit`` ready tasks in a transaction of their own; see ``claim_in``."""
         async with self.database.transaction() as connection:
-            rows = (
-                await connection.execute(
-                    CLAIM_TASKS,
-                    {
-                        "claim_limit": limit,
-                        "claim_now": now,
-                        "claim_worker": worker_id,
-                        "claim_expires_at": now + self.settings.lease_seconds,
-                        "claim_started_at": utc_now(),
-                    },
-                )
-            ).all()
-            if not rows:
-                return []
-            contexts = await _read_contexts(connection, rows)
-            leases = [
-                Lease(
-                    row.id,
-                    row.project_id,
-                    row.kind,
-                    row.key,
-                    row.title,
-                    row.description,
-                    row.role,
-                    row.attempts,
-                    row.max_attempts,
-                    row.lease_token,
-                    contexts[row.id],
-                )
-                for row in rows
-            ]
-            await self._record_claims(connection, worker_id, leases)
+            return await self.claim_in(connection, worker_id, limit)
+
+    async def claim_in(self, connection: AsyncConnection, worker_id: str, limit: int) -> list[Lease]:
+        """Lease up to ``limit`` ready tasks, oldest first, each with the context its prompt needs.
+
+        Runs in the caller's transaction, so the leases exist only once it commits. To claim
+        in the transaction that stores finished tasks, use ``complete_and_claim``.
+        """
+        leases, events_by_project = await self._lease(connection, worker_id, limit)
+        await append_events_many(connection, events_by_project)
         return leases
+
+    async def _lease(
+        self, connection: AsyncConnection, worker_id: str, limit: int
+    ) -> tuple[list[Lease], dict[str, list[NewEvent]]]:
+        """Lease up to ``limit`` ready tasks; return the leases and the events still to store."""
+        now = time.time()
+        rows = (
+            await connection.execute(
+                CLAIM_TASKS,
+                {
+                    "claim_limit": limit,
+                    "claim_now": now,
+                    "claim_worker": worker_id,
+                    "claim_expires_at": now + self.settings.lease_seconds,
+                    "claim_started_at": utc_now(),
+                },
+            )
+        ).all()
+        if not rows:
+            return [], {}
+        contexts = await _read_contexts(connection, rows)
+        leases = [
+            Lease(
+                row.id,
+                row.project_id,
+                row.kind,
+                row.key,
+                row.title,
+                row.description,
+                row.role,
+                row.attempts,
+                row.max_attempts,
+                row.lease_token,
+                contexts[row.id],
+            )
+            for row in rows
+        ]
+        return leases, await self._record_claims(connection, worker_id, leases)
 
     async def heartbeat(self, worker_id: str, held: dict[str, int]) -> set[str]:
         """Extend the leases of ``held`` (task id to token); return the ids no longer held."""
@@ -390,8 +399,21 @@ class TaskQueue:
         False, with nothing changed for that task, when its lease is no longer held because
         the task was cancelled or its lease expired and another worker took it over.
         """
-        if not finished:
-            return []
+        stored, _ = await self.complete_and_claim(connection, finished, "", 0)
+        return stored
+
+    async def complete_and_claim(
+        self, connection: AsyncConnection, finished: Sequence[FinishedTask], worker_id: str, limit: int
+    ) -> tuple[list[bool], list[Lease]]:
+        """Store finished tasks as ``complete_many`` does, then lease up to ``limit`` ready tasks.
+
+        Returns what ``complete_many`` returns and the new leases. One statement numbers the
+        events of both and locks their project rows in id order. Two batches that locked
+        their projects in two passes, one for the results and one for the claims, could each
+        hold a row that the other's second pass waits for, which PostgreSQL ends as a deadlock.
+        """
+        if not finished and limit <= 0:
+            return [], []
         # Locking the rows first, in id order, makes the check and the writes below one
         # atomic step: a sweep or cancel that runs meanwhile waits for this transaction.
         # The dependents released below are locked in the same pass, so that a cancel or
@@ -412,12 +434,20 @@ class TaskQueue:
         locked = await connection.execute(LOCK_RUNNING_TASKS, {"task_ids": finished_ids})
         tokens = dict(locked.all())
         held = [item for item in finished if tokens.get(item.lease.task_id) == item.lease.token]
-        if held:
-            await self._store_completions(connection, held)
+        events_by_project = await self._store_completions(connection, held) if held else {}
+        leases: list[Lease] = []
+        if limit > 0:
+            leases, claim_events = await self._lease(connection, worker_id, limit)
+            for project_id, new_events in claim_events.items():
+                events_by_project.setdefault(project_id, []).extend(new_events)
+        await append_events_many(connection, events_by_project)
         held_ids = {id(item) for item in held}
-        return [id(item) in held_ids for item in finished]
+        return [id(item) in held_ids for item in finished], leases
 
-    async def _store_completions(self, connection: AsyncConnection, held: Sequence[FinishedTask]) -> None:
+    async def _store_completions(
+        self, connection: AsyncConnection, held: Sequence[FinishedTask]
+    ) -> dict[str, list[NewEvent]]:
+        """Write the finished tasks' rows; return their events, which the caller stores."""
         now = utc_now()
         await connection.execute(
             COMPLETE_TASK,
@@ -457,7 +487,7 @@ class TaskQueue:
             )
         for task_id, project_id in released:
             events_by_project.setdefault(project_id, []).append(NewEvent("task.ready", {}, task_id))
-        await append_events_many(connection, events_by_project)
+        return events_by_project
 
     async def fail(
         self, connection: AsyncConnection, task_id: str, project_id: str, token: int, reason: str
@@ -514,10 +544,14 @@ class TaskQueue:
         )
         return bool(result.rowcount)
 
-    async def _record_claims(self, connection: AsyncConnection, worker_id: str, leases: list[Lease]) -> None:
+    async def _record_claims(
+        self, connection: AsyncConnection, worker_id: str, leases: list[Lease]
+    ) -> dict[str, list[NewEvent]]:
+        """Insert the attempts of new leases; return their events, which the caller stores."""
         now = utc_now()
-        await connection.execute(
-            task_attempts.insert(),
+        await insert_rows(
+            connection,
+            task_attempts,
             [
                 {
                     "task_id": lease.task_id,
@@ -550,8 +584,7 @@ class TaskQueue:
             )
             for (project_id,) in started:
                 by_project[project_id].insert(0, NewEvent("project.planning"))
-
-        await append_events_many(connection, by_project)
+        return by_project
 
 
 async def release_dependents_many(

@@ -4,7 +4,9 @@ One worker process runs up to ``worker.concurrency`` tasks at once as asyncio ta
 loops run beside them: claiming (woken when a slot frees up, or every poll interval),
 storing finished tasks in batches (``CompletionBatcher``), heartbeating every held lease in
 one statement, and sweeping expired leases of any worker. A task's slot frees up once its
-batch has committed.
+batch has committed. The batch's transaction claims a new task for each slot it frees, so
+the claim loop only fills slots that no batch refilled: at start-up, after an idle spell,
+and after failed or retried tasks.
 
 Shutdown (SIGTERM or ``stop()``) stops claiming at once, gives running tasks
 ``shutdown_grace_seconds`` to finish, stores every result already handed in, then cancels
@@ -27,7 +29,7 @@ from app.db.engine import Database
 from app.errors import ConfigError, LLMError, LLMRateLimitError, PlanValidationError
 from app.knowledge.ingestion import DocumentIngestor
 from app.signals import Channel, SignalBus
-from app.worker.completions import CompletionBatcher
+from app.worker.completions import CompletionBatcher, Refill
 from app.worker.ingestion_loop import IngestionLoop
 from app.worker.queue import Lease
 
@@ -55,8 +57,15 @@ class Worker:
         self.worker_id = worker_id or new_worker_id()
         self.ingestion = IngestionLoop(ingestor, settings, self.worker_id) if ingestor else None
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
+        # Leases that a batch claimed after stop(): released by the drain, never started.
+        self._unstarted: list[Lease] = []
         self.completions = CompletionBatcher(
-            database, executor, self.settings, self.worker_id, running_tasks=lambda: len(self._running)
+            database,
+            executor,
+            self.settings,
+            self.worker_id,
+            running_tasks=lambda: len(self._running),
+            refill=Refill(limit=self._refill_limit, start=self._start_claimed),
         )
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -163,6 +172,18 @@ class Worker:
             )
             task.cancel()
 
+    def _refill_limit(self, freed: int) -> int:
+        # Each result in a batch comes from a task in self._running that gives up its slot
+        # only after the batch commits, so the claim loop never counts these slots as free.
+        return 0 if self._stopping.is_set() else freed
+
+    def _start_claimed(self, leases: list[Lease]) -> None:
+        if self._stopping.is_set():
+            self._unstarted.extend(leases)
+            return
+        for lease in leases:
+            self._start(lease)
+
     async def _wait_for_work(self, seconds: float) -> None:
         """Wait until a slot frees up, ``wake()`` is called or ``seconds`` pass."""
         with suppress(TimeoutError):
@@ -198,7 +219,11 @@ class Worker:
                 },
             )
         finally:
-            self._running.pop(lease.task_id, None)
+            # A batch may already have claimed this task again (its result was discarded and
+            # the sweeper requeued it), so only this lease's entry is removed.
+            entry = self._running.get(lease.task_id)
+            if entry is not None and entry[0] is lease:
+                del self._running[lease.task_id]
             self._wake.set()  # a slot is free, and finishing may have made dependents ready
 
     async def _execute(self, lease: Lease) -> None:
@@ -343,24 +368,26 @@ class Worker:
     async def _drain(self) -> None:
         # Results that arrive from now on are stored at once instead of waiting for a batch.
         self.completions.flush_now()
-        if not self._running:
-            return
-        pending = [task for _, task in self._running.values()]
-        logger.info(
-            "draining running tasks",
-            extra={"action": "worker.draining", "worker_id": self.worker_id, "running": len(pending)},
-        )
-        await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
+        unfinished: list[tuple[Lease, asyncio.Task[None]]] = []
+        if self._running:
+            pending = [task for _, task in self._running.values()]
+            logger.info(
+                "draining running tasks",
+                extra={"action": "worker.draining", "worker_id": self.worker_id, "running": len(pending)},
+            )
+            await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
 
-        unfinished = list(self._running.values())
-        for _, task in unfinished:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            unfinished = list(self._running.values())
+            for _, task in unfinished:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         # A cancelled task may have handed in its result already: store it before the
         # leases are released, so that a finished result is kept rather than redone.
         await self.completions.close()
-        for lease, _ in unfinished:
+        to_release = [lease for lease, _ in unfinished] + self._unstarted
+        self._unstarted = []
+        for lease in to_release:
             if await self.queue.release(lease):
                 logger.info(
                     "lease released at shutdown",

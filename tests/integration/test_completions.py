@@ -8,13 +8,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.agent.executor import Execution
-from app.db.models import artifacts, events, llm_calls, messages, tasks
+from app.db.models import artifacts, events, llm_calls, messages, task_attempts, tasks
 from app.db.records import LLMCallRecord
 from app.db.states import TaskStatus
 from app.llm.base import Completion, CompletionRequest
 from app.llm.offline import OfflineProvider
 from app.llm.registry import ProviderRegistry
-from app.worker.completions import CompletionBatcher
+from app.worker.completions import CompletionBatcher, Refill
 from app.worker.runner import Worker
 from tests.integration.helpers import start_runtime, submit
 
@@ -108,6 +108,71 @@ async def test_batch_discards_only_the_stale_lease(runtime):
     async with runtime.database.transaction() as connection:
         assert await runtime.executor.store(connection, takeover_execution)
     assert (await stored_rows(runtime, stale.task_id))["artifacts"] == 1
+
+
+async def attempt_row(runtime, task_id: str, token: int):
+    async with runtime.database.read() as connection:
+        return (
+            await connection.execute(
+                select(task_attempts).where(
+                    task_attempts.c.task_id == task_id, task_attempts.c.lease_token == token
+                )
+            )
+        ).one()
+
+
+async def test_batch_claims_a_task_per_result(runtime):
+    # Four planning tasks: the batch stores two and claims the other two. The work tasks
+    # of the stored plans are inserted after the claim, so the batch does not see them.
+    for _ in range(4):
+        await submit(runtime)
+    first, second = await runtime.queue.claim("worker-a", 2)
+    executions = [await executed(runtime, first), await executed(runtime, second)]
+    limits: list[int] = []
+    started: list = []
+
+    def limit(freed: int) -> int:
+        limits.append(freed)
+        return freed
+
+    batcher = CompletionBatcher(
+        runtime.database,
+        runtime.executor,
+        runtime.settings.worker,
+        "worker-a",
+        running_tasks=lambda: 2,
+        refill=Refill(limit=limit, start=started.extend),
+    )
+    batcher.start()
+    results = await asyncio.gather(*(batcher.store(execution) for execution in executions))
+    await batcher.close()
+
+    assert results == [True, True]
+    assert limits == [2]
+    assert len(started) == 2
+    finished_at = (await attempt_row(runtime, first.task_id, first.token)).finished_at
+    for lease in started:
+        row = await task_row(runtime, lease.task_id)
+        assert (row.status, row.lease_owner, row.lease_token) == ("running", "worker-a", lease.token)
+        assert lease.context is not None
+        # Claimed in the transaction that finished the batch, so no slot holds two attempts.
+        assert (await attempt_row(runtime, lease.task_id, lease.token)).started_at >= finished_at
+
+
+async def test_worker_releases_leases_claimed_after_stop(runtime):
+    await submit(runtime)
+    [lease] = await runtime.queue.claim("worker-a", 1)
+    worker = Worker(runtime.database, runtime.executor, runtime.settings, worker_id="worker-a")
+
+    worker.stop()
+    # A batch that was in flight when the worker stopped hands over what it claimed.
+    worker._start_claimed([lease])
+    await worker._drain()
+
+    row = await task_row(runtime, lease.task_id)
+    assert not worker._running
+    assert (row.status, row.attempts, row.lease_owner) == ("ready", 0, None)
+    assert (await attempt_row(runtime, lease.task_id, lease.token)).outcome == "released"
 
 
 async def test_failed_batch_keeps_the_valid_results(runtime):
