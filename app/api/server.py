@@ -9,6 +9,7 @@ import uvicorn
 from app.agent.team import build_team
 from app.api.app import create_app
 from app.core.config import Settings
+from app.core.http_protocol import with_header_timeout
 from app.core.listening import bind_socket
 from app.db.engine import Database
 from app.db.migrate import check_schema, upgrade
@@ -24,6 +25,7 @@ def server_config(
         host=settings.host,
         port=settings.port,
         log_config=None,  # app.core.logging owns the handlers
+        http=with_header_timeout(settings.api.header_timeout_seconds),
         # Longer than the worker's grace period, so an embedded worker can drain first.
         timeout_graceful_shutdown=int(settings.worker.shutdown_grace_seconds) + 5,
     )

@@ -489,6 +489,9 @@ class ApiSettings(Section):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     sse_poll_interval_seconds: float = Field(0.5, gt=0)
     sse_keepalive_seconds: float = Field(15.0, gt=0)
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait for a request's headers before the connection is closed"
+    )
 
 
 class LoadBalancerSettings(Section):
@@ -513,6 +516,9 @@ class LoadBalancerSettings(Section):
     backend_max_connections: int = Field(100, ge=1, description="Pooled connections to one instance")
     connect_timeout_seconds: float = Field(2.0, gt=0)
     read_timeout_seconds: float = Field(60.0, gt=0, description="Longest wait for each chunk of a response")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait for a client's request headers before the connection is closed"
+    )
     shutdown_grace_seconds: float = Field(10.0, ge=0)
 
     @model_validator(mode="after")

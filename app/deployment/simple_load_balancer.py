@@ -17,6 +17,7 @@ import uvicorn
 
 from app.core.arguments import parse_address, port_number
 from app.core.config import LoadBalancerSettings, load_settings
+from app.core.http_protocol import with_header_timeout
 from app.core.listening import bind_socket
 from app.core.logging import configure_logging
 from app.deployment.backends import STRATEGIES
@@ -76,6 +77,7 @@ def run(settings: LoadBalancerSettings, max_body_bytes: int) -> None:
     config = uvicorn.Config(
         LoadBalancer(settings, max_body_bytes),
         log_config=None,  # app.core.logging owns the handlers
+        http=with_header_timeout(settings.header_timeout_seconds),
         lifespan="on",
         # The balancer is the edge: X-Forwarded-For from a client is extended, never trusted
         # as the client's address.

@@ -340,3 +340,27 @@ class Deployment:
             process.wait_exit(max(0.0, deadline - time.monotonic()))
         # Printed to the captured output, which pytest shows when the test failed.
         print("process logs:", *(str(process.log_path) for process in self.processes), sep="\n  ")
+
+
+def send_headers_slowly(port: int, byte_interval: float = 0.2, max_bytes: int = 30) -> tuple[int, bytes]:
+    """Send a request's headers one byte at a time, as a slowloris client does.
+
+    Returns how many header bytes went out before the server closed the connection
+    (``max_bytes`` when it never did) and what the server sent back.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n")
+        sent = 0
+        while sent < max_bytes:
+            time.sleep(byte_interval)
+            try:
+                connection.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+        connection.settimeout(2)
+        try:
+            received = connection.recv(1024)
+        except (ConnectionResetError, TimeoutError):
+            received = b""
+    return sent, received

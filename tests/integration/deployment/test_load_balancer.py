@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.e2e.balancers import BalancerProcess, NginxProcess
-from tests.e2e.processes import BASE_SETTINGS, port_in_test_range, wait_until
+from tests.e2e.processes import BASE_SETTINGS, port_in_test_range, send_headers_slowly, wait_until
 from tests.integration.deployment.scripted_backends import DroppingBackend, ScriptedBackend
 
 MAX_BODY_BYTES = 4096
@@ -273,6 +273,21 @@ def test_no_admitted_backend_returns_503(cluster: Cluster, tmp_path: Path) -> No
         assert response.headers["retry-after"]
     finally:
         stop(balancer)
+
+
+def test_slow_headers_cut_off(tmp_path: Path) -> None:
+    balancer = start_balancer(
+        tmp_path, "slow-headers", ["127.0.0.1:9"], TORONTO_AI_LOAD_BALANCER__HEADER_TIMEOUT_SECONDS="1"
+    )
+    try:
+        sent, received = send_headers_slowly(balancer.port)
+        log = balancer.log_tail()
+    finally:
+        stop(balancer)
+
+    assert sent < 30, "the balancer kept waiting for the headers"
+    assert received == b""
+    assert "http.header_timeout" in log
 
 
 def test_connection_limit_and_graceful_shutdown(tmp_path: Path) -> None:
