@@ -159,6 +159,9 @@ class LoadBalancer:
                 auto_decompress=False,
                 # Headers come from the client only; aiohttp adds none of its own.
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+                # A jar would keep one client's Set-Cookie and send it with every later
+                # client's requests; cookies pass through in the headers instead.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 trust_env=False,
             )
         self._health_client = aiohttp.ClientSession(

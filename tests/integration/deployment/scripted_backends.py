@@ -2,7 +2,7 @@
 
 ``ScriptedBackend`` is an ASGI app under uvicorn in a thread: ``/health`` follows its
 ``healthy`` flag, ``/echo`` returns the request it received, ``/hold`` waits until the test
-releases it, ``/not-modified`` responds 304, and ``/events`` streams Server-Sent Events one
+releases it, ``/set-cookie`` sets a cookie, ``/not-modified`` responds 304, and ``/events`` streams Server-Sent Events one
 at a time as the test releases them.
 
 ``DroppingBackend`` answers ``/health``, and ``/not-modified`` with a 304 that carries a
@@ -82,6 +82,10 @@ class ScriptedBackend:
         elif scope["path"] == "/hold":
             await asyncio.to_thread(self.release.wait, 30)
             await self._json(send, 200, {"backend": self.name, "released": self.release.is_set()})
+        elif scope["path"] == "/set-cookie":
+            await self._json(
+                send, 200, {"backend": self.name}, [(b"set-cookie", b"session=first-client; Path=/")]
+            )
         elif scope["path"] == "/not-modified":
             headers = [(b"etag", b'"v1"')]
             await send({"type": "http.response.start", "status": 304, "headers": headers})

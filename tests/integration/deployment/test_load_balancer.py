@@ -275,6 +275,26 @@ def test_no_admitted_backend_returns_503(cluster: Cluster, tmp_path: Path) -> No
         stop(balancer)
 
 
+def test_instance_cookies_not_shared(tmp_path: Path) -> None:
+    backend = ScriptedBackend("named", port_in_test_range())
+    backend.start()
+    # Addressed by name: a client's cookie jar refuses cookies of bare IP addresses, which
+    # would hide a shared jar.
+    balancer = start_balancer(tmp_path, "cookies", [f"localhost:{backend.port}"])
+    try:
+        balancer.wait_admitted([f"localhost:{backend.port}"])
+        with balancer.client() as first_client:
+            set_cookie = first_client.get("/set-cookie")
+        with balancer.client() as second_client:
+            echoed = second_client.get("/echo").json()
+    finally:
+        stop(balancer)
+        backend.stop()
+
+    assert set_cookie.headers["set-cookie"] == "session=first-client; Path=/"
+    assert "cookie" not in echoed["headers"]
+
+
 def test_slow_headers_cut_off(tmp_path: Path) -> None:
     balancer = start_balancer(
         tmp_path, "slow-headers", ["127.0.0.1:9"], TORONTO_AI_LOAD_BALANCER__HEADER_TIMEOUT_SECONDS="1"
