@@ -228,18 +228,7 @@ class ChromaVectorStore:
             if row.content_hash in seen:
                 continue
             seen.add(row.content_hash)
-            hits.append(
-                ScoredChunk(
-                    chunk_id=row.id,
-                    document_id=row.document_id,
-                    source=row.source,
-                    heading=row.heading,
-                    text=row.text,
-                    position=row.position,
-                    score=score,
-                    metadata=row.metadata or {},
-                )
-            )
+            hits.append(ScoredChunk.from_row(row, score))
             if len(hits) == top_k:
                 break
         return hits

@@ -71,6 +71,20 @@ class ScoredChunk:
     score: float
     metadata: dict[str, Any]
 
+    @classmethod
+    def from_row(cls, row: Any, score: float) -> ScoredChunk:
+        """Build a result from a row of ``CHUNK_ROWS``."""
+        return cls(
+            chunk_id=row.id,
+            document_id=row.document_id,
+            source=row.source,
+            heading=row.heading,
+            text=row.text,
+            position=row.position,
+            score=score,
+            metadata=row.metadata or {},
+        )
+
 
 class SearchHits(list[ScoredChunk]):
     """The chunks a search found, best first, and the partitions that did not respond.
@@ -322,16 +336,4 @@ async def load_cited_chunks(connection: AsyncConnection, project_id: str, limit:
         if known is None or (row.rank, -row.cited_score) < (known[0], -known[1]):
             best[row.id] = (row.rank, row.cited_score, row)
     ordered = sorted(best.values(), key=lambda entry: (entry[0], -entry[1], entry[2].id))
-    return [
-        ScoredChunk(
-            chunk_id=row.id,
-            document_id=row.document_id,
-            source=row.source,
-            heading=row.heading,
-            text=row.text,
-            position=row.position,
-            score=score,
-            metadata=row.metadata or {},
-        )
-        for _, score, row in ordered[:limit]
-    ]
+    return [ScoredChunk.from_row(row, score) for _, score, row in ordered[:limit]]

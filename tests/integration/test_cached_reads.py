@@ -1,10 +1,14 @@
 """Reads of finished projects served from the shared cache before routing."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import httpx
 from prometheus_client import REGISTRY
 
 from app.api.auth import create_api_key, revoke_api_key
 from app.cache import CacheKind
+from app.runtime import Runtime
 from tests.conftest import make_settings
 from tests.integration.api_client import BRIEF, open_client, wait_for_status
 from tests.integration.helpers import FAST_WORKER
@@ -15,6 +19,14 @@ READ_ROUTE = "/api/v1/projects/{project_id}"
 def served_reads() -> float:
     labels = {"method": "GET", "path": READ_ROUTE, "status": "200"}
     return REGISTRY.get_sample_value("toronto_ai_http_request_seconds_count", labels) or 0.0
+
+
+async def finished_cached_project(client) -> str:
+    project_id = (await client.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
+    await wait_for_status(client, project_id, "completed")
+    runtime = client._transport.app.state.runtime
+    assert await runtime.shared_cache.get(CacheKind.PROJECT, project_id) is not None
+    return project_id
 
 
 async def test_cached_read_matches_route(api):
@@ -35,7 +47,9 @@ async def test_cached_read_matches_route(api):
     assert served_reads() == counted_before + 1
 
 
-async def test_cached_read_needs_valid_key(database_url, tmp_path):
+@asynccontextmanager
+async def production_api(database_url, tmp_path) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient, str]]:
+    """Yield the runtime, a client without a key, and a valid API key, in production mode."""
     settings = make_settings(
         database_url,
         tmp_path,
@@ -48,12 +62,17 @@ async def test_cached_read_needs_valid_key(database_url, tmp_path):
     try:
         async with runtime.database.transaction() as connection:
             key = await create_api_key(connection, "reader")
+        yield runtime, client, key
+    finally:
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+async def test_cached_read_needs_valid_key(database_url, tmp_path):
+    async with production_api(database_url, tmp_path) as (runtime, client, key):
         authorized = {"Authorization": f"Bearer {key}"}
-        created = await client.post("/api/v1/projects", json={"brief": BRIEF}, headers=authorized)
-        project_id = created.json()["id"]
         keyed = httpx.AsyncClient(transport=client._transport, base_url="http://test", headers=authorized)
-        await wait_for_status(keyed, project_id, "completed")
-        assert await runtime.shared_cache.get(CacheKind.PROJECT, project_id) is not None
+        project_id = await finished_cached_project(keyed)
 
         with_key = await keyed.get(f"/api/v1/projects/{project_id}")
         without_key = await client.get(f"/api/v1/projects/{project_id}")
@@ -63,9 +82,6 @@ async def test_cached_read_needs_valid_key(database_url, tmp_path):
         async with runtime.database.transaction() as connection:
             await revoke_api_key(connection, key)
         revoked_key = await keyed.get(f"/api/v1/projects/{project_id}")
-    finally:
-        await client.aclose()
-        await lifespan.__aexit__(None, None, None)
 
     assert with_key.status_code == 200
     assert with_key.json()["status"] == "completed"
@@ -73,14 +89,6 @@ async def test_cached_read_needs_valid_key(database_url, tmp_path):
         assert refused.status_code == 401
         assert "create-api-key" in refused.json()["detail"]
         assert refused.headers["www-authenticate"] == "Bearer"
-
-
-async def finished_cached_project(client) -> str:
-    project_id = (await client.post("/api/v1/projects", json={"brief": BRIEF})).json()["id"]
-    await wait_for_status(client, project_id, "completed")
-    runtime = client._transport.app.state.runtime
-    assert await runtime.shared_cache.get(CacheKind.PROJECT, project_id) is not None
-    return project_id
 
 
 async def test_invalid_position_rejected_when_cached(api):
@@ -108,18 +116,7 @@ async def test_body_limit_applies_when_cached(api):
 
 
 async def test_failed_key_check_gives_usual_503(database_url, tmp_path, monkeypatch):
-    settings = make_settings(
-        database_url,
-        tmp_path,
-        TORONTO_AI_ENV="production",
-        TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION="true",
-        **FAST_WORKER,
-    )
-    app, lifespan, client = await open_client(settings, embedded_worker=True)
-    runtime = app.state.runtime
-    try:
-        async with runtime.database.transaction() as connection:
-            key = await create_api_key(connection, "reader")
+    async with production_api(database_url, tmp_path) as (runtime, client, key):
         client.headers["Authorization"] = f"Bearer {key}"
         project_id = await finished_cached_project(client)
 
@@ -128,10 +125,7 @@ async def test_failed_key_check_gives_usual_503(database_url, tmp_path, monkeypa
 
         monkeypatch.setattr(runtime.database, "read", database_down)
         response = await client.get(f"/api/v1/projects/{project_id}", headers={"X-Request-ID": "down-1"})
-    finally:
         monkeypatch.undo()
-        await client.aclose()
-        await lifespan.__aexit__(None, None, None)
 
     assert response.status_code == 503
     assert "database is unavailable" in response.json()["detail"]
