@@ -14,6 +14,7 @@ from contextlib import suppress
 
 from app.core.config import Settings
 from app.knowledge.ingestion import DocumentIngestor
+from app.worker.cancelling import raise_if_cancelling
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class IngestionLoop:
         try:
             requeued = await self.ingestor.sweep_expired()
         except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            raise_if_cancelling(exc)
             logger.error(
                 "sweeping document leases failed: %s",
                 exc,

@@ -29,6 +29,7 @@ from app.db.engine import Database
 from app.errors import ConfigError, LLMError, LLMRateLimitError, PlanValidationError
 from app.knowledge.ingestion import DocumentIngestor
 from app.signals import Channel, SignalBus
+from app.worker.cancelling import raise_if_cancelling
 from app.worker.completions import CompletionBatcher, Refill
 from app.worker.ingestion_loop import IngestionLoop
 from app.worker.queue import Lease
@@ -315,6 +316,7 @@ class Worker:
             try:
                 lost = await self.queue.heartbeat(self.worker_id, held)
             except Exception as exc:  # noqa: BLE001 - retried at the next beat, well within the lease
+                raise_if_cancelling(exc)
                 logger.error(
                     "heartbeat failed: %s",
                     exc,
@@ -340,6 +342,7 @@ class Worker:
             try:
                 expired = await self.queue.sweep_expired()
             except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                raise_if_cancelling(exc)
                 logger.error(
                     "sweeping expired leases failed: %s",
                     exc,

@@ -193,3 +193,28 @@ async def test_identical_calls_hit_the_cache(runtime):
         rows = await store.list_tasks(connection, second.id)
         calls = [call for row in rows for call in await store.list_llm_calls(connection, row.id)]
     assert all(call.cache_hit for call in calls)
+
+
+async def test_cancelled_sweep_ends_the_worker(runtime, monkeypatch):
+    worker = Worker(runtime.database, runtime.executor, runtime.settings)
+    sweeping = asyncio.Event()
+
+    async def sweep_that_hides_cancellation():
+        # A driver that fails while cleaning up after a cancellation raises its own error
+        # in place of the CancelledError.
+        sweeping.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise ConnectionResetError("connection lost during cleanup") from None
+        return []
+
+    monkeypatch.setattr(worker.queue, "sweep_expired", sweep_that_hides_cancellation)
+    running = asyncio.create_task(worker.run())
+    await asyncio.wait_for(sweeping.wait(), 10)
+
+    worker.stop()
+    done, _ = await asyncio.wait({running}, timeout=15)
+
+    assert running in done, "the worker still runs: its sweeper took the cancellation for an error"
+    assert running.exception() is None
