@@ -62,6 +62,7 @@ def create_app(settings: Settings, *, migrate: bool = True, embedded_worker: boo
         version="0.1.0",
         summary="Runs teams of LLM agents on user projects",
         lifespan=lifespan,
+        openapi_url="/openapi.json" if settings.api.docs else None,
     )
     install_error_handlers(app)
     app.include_router(health.router)

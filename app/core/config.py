@@ -492,6 +492,7 @@ class ApiSettings(Section):
     header_timeout_seconds: float = Field(
         10.0, gt=0, description="Longest wait for a request's headers before the connection is closed"
     )
+    docs: bool = Field(True, description="Serve the API description at /docs, /redoc and /openapi.json")
 
 
 class LoadBalancerSettings(Section):

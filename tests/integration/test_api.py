@@ -250,6 +250,27 @@ async def test_production_requires_api_key(database_url, tmp_path):
     assert health.status_code == 200
 
 
+async def test_docs_can_be_turned_off(database_url, tmp_path):
+    settings = make_settings(database_url, tmp_path, TORONTO_AI_API__DOCS="false")
+    app, lifespan, client = await open_client(settings, embedded_worker=False)
+    try:
+        statuses = {
+            path: (await client.get(path)).status_code for path in ("/docs", "/redoc", "/openapi.json")
+        }
+        health = await client.get("/health")
+    finally:
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+    assert statuses == {"/docs": 404, "/redoc": 404, "/openapi.json": 404}
+    assert health.status_code == 200
+
+
+async def test_docs_served_by_default(api_without_worker):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert (await api_without_worker.get(path)).status_code == 200, path
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
