@@ -70,6 +70,13 @@ class Runtime:
         logger.info(
             "connected to %s", database.describe(), extra={"action": "runtime.started", "env": settings.env}
         )
+        if settings.uses_sqlite and settings.is_production:
+            # Logged here rather than while the settings load, which happens before logging
+            # is configured.
+            logger.warning(
+                "database is a SQLite file; use PostgreSQL for several hosts",
+                extra={"action": "config.sqlite_in_use", "env": settings.env},
+            )
         shared_cache = build_cache(settings)
         await shared_cache.start()
         signals = build_signal_bus(settings)

@@ -109,7 +109,7 @@ async def _ingest(client: httpx.AsyncClient, name: str, folder: Path) -> bool:
         return False
     queued = response.json()
     waiting = queued["added"] + queued["replaced"]
-    print(f"Knowledge base {name}: {len(documents)} documents from {folder}, {waiting} to ingest")
+    print(f"Knowledge base {name}: {_count(len(documents), 'document')} from {folder}, {waiting} to ingest")
 
     deadline = time.monotonic() + INGESTION_TIMEOUT
     with tqdm(total=waiting, unit="doc", desc="ingesting", disable=not waiting) as progress:
@@ -122,7 +122,9 @@ async def _ingest(client: httpx.AsyncClient, name: str, folder: Path) -> bool:
         else:
             print(f"error: ingestion did not finish within {INGESTION_TIMEOUT:.0f} seconds", file=sys.stderr)
             return False
-    print(f"Knowledge base {name}: {state['documents']} documents, {state['chunks']} chunks")
+    print(
+        f"Knowledge base {name}: {_count(state['documents'], 'document')}, {_count(state['chunks'], 'chunk')}"
+    )
     if state["failed_documents"]:
         print(
             f"warning: {state['failed_documents']} documents failed; see GET /api/v1/knowledge-bases/{name}/documents?status=failed",
@@ -161,7 +163,7 @@ async def _run_project(client: httpx.AsyncClient, brief_path: Path, knowledge_ba
     if project.get("notice"):
         print(f"Note: {project['notice']}")
     print(
-        f"The project is stored in {_database_hint()}; run `python -m app.cli serve` and "
+        f"The project is stored in {_database_hint()}; run `{_python_command()} -m app.cli serve` and "
         f"GET /api/v1/projects/{project_id} to read every task."
     )
     return 0
@@ -206,6 +208,20 @@ async def _follow(client: httpx.AsyncClient, project_id: str, started: float) ->
 
 def _database_hint() -> str:
     return load_settings().database.sqlalchemy_url().split("///")[-1]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _python_command() -> str:
+    """Return how to call this Python from the current folder: ``.venv/bin/python`` after
+    ``scripts/demo.sh``, whose environment the user never activated."""
+    executable = Path(sys.executable)
+    try:
+        return str(executable.relative_to(Path.cwd()))
+    except ValueError:
+        return "python"
 
 
 def _free_port() -> int:

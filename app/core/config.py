@@ -743,13 +743,6 @@ def _source_of(key: str, origins: dict[str, str], environ: dict[str, str]) -> st
 
 
 def _check_production_safety(settings: Settings) -> None:
-    if settings.uses_sqlite:
-        level = logging.WARNING if settings.is_production else logging.DEBUG
-        logger.log(
-            level,
-            "database is a SQLite file; use PostgreSQL for several hosts",
-            extra={"action": "config.sqlite_in_use", "env": settings.env},
-        )
     if settings.database.read_replicas and settings.uses_sqlite:
         raise ConfigError(
             "database.read_replicas needs a PostgreSQL primary; set database.master or a postgresql:// "

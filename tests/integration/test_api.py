@@ -250,6 +250,26 @@ async def test_production_requires_api_key(database_url, tmp_path):
     assert health.status_code == 200
 
 
+async def test_production_on_sqlite_warns(database_url, tmp_path, caplog):
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        TORONTO_AI_ENV="production",
+        TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION="true",
+    )
+    app, lifespan, client = await open_client(settings, embedded_worker=False)
+    await client.aclose()
+    await lifespan.__aexit__(None, None, None)
+
+    warnings = [
+        record for record in caplog.records if getattr(record, "action", "") == "config.sqlite_in_use"
+    ]
+    if database_url.startswith("sqlite"):
+        assert [record.levelname for record in warnings] == ["WARNING"]
+    else:
+        assert warnings == []
+
+
 async def test_docs_can_be_turned_off(database_url, tmp_path):
     settings = make_settings(database_url, tmp_path, TORONTO_AI_API__DOCS="false")
     app, lifespan, client = await open_client(settings, embedded_worker=False)

@@ -164,17 +164,6 @@ def test_production_accepts_real_key(tmp_path):
     assert settings.is_production
 
 
-def test_production_warns_about_sqlite(tmp_path, caplog):
-    environ = {"TORONTO_AI_ENV": "production", "TORONTO_AI_LLM__ALLOW_OFFLINE_IN_PRODUCTION": "true"}
-
-    load_settings(config_dir=tmp_path, environ=environ)
-
-    warnings = [
-        record for record in caplog.records if getattr(record, "action", "") == "config.sqlite_in_use"
-    ]
-    assert warnings and warnings[0].levelname == "WARNING"
-
-
 def test_missing_secret_file_is_a_config_error(tmp_path):
     write(
         tmp_path / "config.json",
