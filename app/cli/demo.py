@@ -21,6 +21,7 @@ from tqdm import tqdm
 from app.api.server import prepare_instance, server_config
 from app.core.config import load_settings
 from app.core.logging import configure_logging
+from app.errors import DocumentError
 from app.training.cli import collect_files, read_documents
 
 EXAMPLES_FOLDER = Path(__file__).resolve().parents[2] / "examples" / "briefs"
@@ -94,12 +95,18 @@ async def _wait_until_ready(client: httpx.AsyncClient, serving: asyncio.Task) ->
 
 async def _ingest(client: httpx.AsyncClient, name: str, folder: Path) -> bool:
     """Create the knowledge base if needed, add the folder's documents and follow their ingestion."""
+    # Listed before anything is created, so a mistyped folder leaves no empty knowledge base.
+    try:
+        files = collect_files([folder])
+    except DocumentError as exc:
+        print(f"error: --knowledge {exc}; give a folder of documents", file=sys.stderr)
+        return False
     created = await client.post("/api/v1/knowledge-bases", json={"name": name})
     if created.status_code not in (201, 409):
         print(f"error: creating knowledge base {name!r} failed: {created.json()['detail']}", file=sys.stderr)
         return False
 
-    documents, rejected = read_documents(collect_files([folder]), max_bytes=2**31)
+    documents, rejected = read_documents(files, max_bytes=2**31)
     for line in rejected:
         print(f"skipped {line}", file=sys.stderr)
     body = {"documents": [{"source": item.source, "text": item.text} for item in documents]}

@@ -75,8 +75,8 @@ async def get_knowledge_base(connection: AsyncConnection, name: str) -> Row:
         ).first()
     if row is None:
         raise NotFoundError(
-            f"knowledge base {name!r} not found; create it with POST /api/v1/knowledge-bases "
-            "or `python -m app.training.cli create`"
+            f"knowledge base {name!r} not found; create it with POST /api/v1/knowledge-bases, "
+            "`python -m app.training.cli create`, or `ingest ... --create`"
         )
     return row
 

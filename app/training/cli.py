@@ -76,6 +76,8 @@ def _is_utf8(text: str) -> bool:
 
 async def ingest(runtime: Runtime, name: str, paths: list[Path], create: bool) -> int:
     knowledge = runtime.knowledge
+    # Listed before anything is created, so a mistyped path leaves no empty knowledge base.
+    files = collect_files(paths)
     if create:
         async with runtime.database.read() as connection:
             exists = any(row.name == name for row in await repository.list_knowledge_bases(connection))
@@ -83,7 +85,6 @@ async def ingest(runtime: Runtime, name: str, paths: list[Path], create: bool) -
             await knowledge.create(name, "")
 
     # Files are read and queued in slices, so a corpus of any size needs memory for one slice.
-    files = collect_files(paths)
     accepted_count = 0
     rejected: list[str] = []
     for start in range(0, len(files), FILES_PER_REQUEST):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,14 @@ def test_demo_report_cites_several_documents(tmp_path):
     # The report carries the passages behind its tasks, which each draw on their own part
     # of the brief, so it cites more than the one PEP that the brief's opening matches.
     assert len(cited) >= 3, sources
+
+
+def test_demo_missing_folder_creates_nothing(tmp_path):
+    missing = tmp_path / "no-such-folder"
+
+    result = run_demo(tmp_path, "--knowledge", str(missing))
+
+    assert result.returncode == 1
+    assert f"error: --knowledge {missing}: no such file or folder" in result.stderr
+    with sqlite3.connect(tmp_path / "demo.db") as database:
+        assert database.execute("SELECT count(*) FROM knowledge_bases").fetchone() == (0,)

@@ -177,6 +177,20 @@ def test_unknown_knowledge_base_is_one_line(ingested, command):
     assert lines[0].startswith("error: knowledge base 'missing' not found")
 
 
+def test_missing_path_creates_nothing(tmp_path):
+    workspace = make_workspace(tmp_path)
+    missing = workspace.documents / "nothing-here"
+
+    ingested = run_cli(workspace, "ingest", "ghost", str(missing), "--create")
+    status = run_cli(workspace, "status", "ghost")
+
+    assert ingested.returncode == 2
+    assert ingested.stderr.strip() == f"error: {missing}: no such file or folder"
+    assert status.returncode != 0
+    assert "knowledge base 'ghost' not found" in status.stderr
+    assert "ingest ... --create" in status.stderr
+
+
 @pytest.mark.parametrize("name", ["bad name", "Bad!", "x" * 65])
 def test_create_rejects_an_invalid_name(ingested, name):
     workspace, _ = ingested
