@@ -142,6 +142,21 @@ class BackendPool:
             },
         )
 
+    def hold_back(self, backend: Backend, reason: str) -> None:
+        """Keep a backend that failed the balancer's first health check out of the rotation.
+
+        Unlike an ejection, this is not counted: the instance may simply not have started yet.
+        It joins when an active health check passes, with a slow start.
+        """
+        backend.ejected = True
+        backend.current_weight = 0.0
+        logger.info(
+            "backend %s not admitted yet: %s; it joins when GET /health passes",
+            backend.address,
+            reason,
+            extra={"action": "lb.backend_waiting", "backend": backend.address, "reason": reason},
+        )
+
     def readmit(self, backend: Backend) -> None:
         """Return an ejected backend to the rotation, starting its slow start."""
         if not backend.ejected:

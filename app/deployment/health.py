@@ -42,7 +42,7 @@ class HealthChecker:
     async def check_once(self, *, initial: bool = False) -> None:
         """Probe every backend at once and apply the results.
 
-        On the first round a backend that fails is ejected at once, so the balancer never
+        On the first round a backend that fails is held back at once, so the balancer never
         sends a request to an instance that was down when it started.
         """
         reasons = await asyncio.gather(*(self.probe(backend) for backend in self.pool.backends))
@@ -53,7 +53,9 @@ class HealthChecker:
                     self.pool.readmit(backend)
                 continue
             self.failed_probes[backend] = self.failed_probes.get(backend, 0) + 1
-            if initial or self.failed_probes[backend] >= self.failures_to_eject:
+            if initial:
+                self.pool.hold_back(backend, reason)
+            elif self.failed_probes[backend] >= self.failures_to_eject:
                 self.pool.eject(backend, reason)
 
     async def run(self) -> None:

@@ -270,7 +270,8 @@ class Worker:
             logger.info("task completed", extra={"action": "task.completed", **ids})
         else:
             logger.warning(
-                "result discarded: the lease was lost", extra={"action": "task.result_discarded", **ids}
+                "result discarded: the task was cancelled, or its lease expired and passed to another attempt",
+                extra={"action": "task.result_discarded", **ids},
             )
 
     async def _retry(self, execution: Execution, error: str, delay: float | None) -> None:

@@ -275,6 +275,30 @@ def test_no_admitted_backend_returns_503(cluster: Cluster, tmp_path: Path) -> No
         stop(balancer)
 
 
+def test_instance_started_late_joins_unejected(tmp_path: Path) -> None:
+    backend = ScriptedBackend("late", port_in_test_range())
+    balancer = start_balancer(tmp_path, "late", [backend.address])
+    try:
+        before = balancer.backends()[backend.address]
+        backend.start()
+        balancer.wait_admitted([backend.address])
+        after = balancer.backends()[backend.address]
+        with balancer.client() as client:
+            served = client.get("/echo")
+        waiting = balancer.records("lb.backend_waiting")
+        ejected = balancer.records("lb.backend_ejected")
+    finally:
+        stop(balancer)
+        backend.stop()
+
+    assert before["admitted"] is False
+    assert before["ejections"] == 0
+    assert after["ejections"] == 0
+    assert served.status_code == 200
+    assert [record["backend"] for record in waiting] == [backend.address]
+    assert ejected == []
+
+
 def test_instance_cookies_not_shared(tmp_path: Path) -> None:
     backend = ScriptedBackend("named", port_in_test_range())
     backend.start()
