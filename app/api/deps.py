@@ -31,6 +31,9 @@ MISSING_KEY = (
     "missing API key: send `Authorization: Bearer <key>`; create a key with "
     "`python -m app.cli create-api-key --name NAME`"
 )
+NOT_BEARER = (
+    "invalid Authorization header: send the key with the Bearer scheme, `Authorization: Bearer <key>`"
+)
 INVALID_KEY = (
     "invalid or revoked API key; create a new one with `python -m app.cli create-api-key --name NAME`"
 )
@@ -45,8 +48,10 @@ async def api_key_problem(runtime: Runtime, authorization: str) -> str | None:
         return None
 
     scheme, _, key = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not key:
+    if not authorization.strip():
         return MISSING_KEY
+    if scheme.lower() != "bearer" or not key.strip():
+        return NOT_BEARER
     async with runtime.database.read() as connection:
         valid = await is_valid_key(connection, key.strip())
     return None if valid else INVALID_KEY

@@ -234,6 +234,7 @@ async def test_production_requires_api_key(database_url, tmp_path):
             key = await create_api_key(connection, "test")
 
         missing = await client.get("/api/v1/projects")
+        not_bearer = await client.get("/api/v1/projects", headers={"Authorization": key})
         wrong = await client.get("/api/v1/projects", headers={"Authorization": "Bearer tat_wrong"})
         right = await client.get("/api/v1/projects", headers={"Authorization": f"Bearer {key}"})
         metrics = await client.get("/metrics")
@@ -244,6 +245,8 @@ async def test_production_requires_api_key(database_url, tmp_path):
 
     assert missing.status_code == 401
     assert "create-api-key" in missing.json()["detail"]
+    assert not_bearer.status_code == 401
+    assert "Bearer scheme" in not_bearer.json()["detail"]
     assert wrong.status_code == 401
     assert right.status_code == 200
     assert metrics.status_code == 401
