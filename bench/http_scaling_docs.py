@@ -118,8 +118,8 @@ def render_section(results: dict[str, Any], plot_name: str) -> str:
         "The load balancer is one Python process: uvicorn serves the clients and aiohttp's client "
         "sends the requests upstream. nginx runs one C worker per core. Where the instances are "
         "cheap, as with cached reads, the balancer's own CPU per request decides how far it goes. "
-        "A py-spy profile of the balancer under this load put about 40 % of its CPU in aiohttp's "
-        "client and about 20 % in uvicorn's two socket writes per response (headers, then body). "
+        "A py-spy profile of the balancer under this load put about 35 % of its CPU in aiohttp's "
+        "client and about 13 % in uvicorn's two socket writes per response (headers, then body). "
         "Those costs stay with any ASGI balancer on aiohttp; only a proxy that does less per request "
         "in Python, or nginx, goes further on these cores.",
     ]
