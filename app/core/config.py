@@ -743,6 +743,9 @@ def _source_of(key: str, origins: dict[str, str], environ: dict[str, str]) -> st
 
 
 def _check_production_safety(settings: Settings) -> None:
+    # Resolves the primary's password, so a missing password variable or file fails here,
+    # at start-up, rather than at the first connection.
+    settings.database.sqlalchemy_url()
     if settings.database.read_replicas and settings.uses_sqlite:
         raise ConfigError(
             "database.read_replicas needs a PostgreSQL primary; set database.master or a postgresql:// "

@@ -76,6 +76,10 @@ class KnowledgeService:
         async with self.database.read() as connection:
             row = await repository.get_knowledge_base(connection, name)
             counts = await repository.knowledge_base_counts(connection, row.id)
+            # Each statement reads its own snapshot on PostgreSQL, so a document stored
+            # between the two reads would show in the counts but not in the version. Read
+            # the row again, so its version is at least as new as the counts.
+            row = await repository.get_knowledge_base(connection, name)
         return row, counts
 
     async def add_documents(self, name: str, new_documents: Sequence[NewDocument]) -> tuple[int, int, int]:
