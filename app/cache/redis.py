@@ -36,7 +36,25 @@ def redis_client(
     )
 
 
-class RedisBackend:
+class _RedisCommands:
+    """The cache commands, which a standalone server and a cluster client take alike."""
+
+    client: Redis | RedisCluster
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.client.get(key)
+
+    async def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        await self.client.set(key, value, ex=ttl_seconds)
+
+    async def delete(self, key: str) -> None:
+        await self.client.delete(key)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class RedisBackend(_RedisCommands):
     name = "redis"
 
     def __init__(self, client: Redis, server: str) -> None:
@@ -60,23 +78,11 @@ class RedisBackend:
     def server_of(self, key: str) -> str:
         return self.server
 
-    async def get(self, key: str) -> bytes | None:
-        return await self.client.get(key)
-
-    async def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
-        await self.client.set(key, value, ex=ttl_seconds)
-
-    async def delete(self, key: str) -> None:
-        await self.client.delete(key)
-
     async def ping(self) -> None:
         await self.client.ping()
 
-    async def aclose(self) -> None:
-        await self.client.aclose()
 
-
-class RedisClusterBackend:
+class RedisClusterBackend(_RedisCommands):
     """Keys carry no hash tags, so they spread over every master's slots."""
 
     name = "redis_cluster"
@@ -119,17 +125,5 @@ class RedisClusterBackend:
         except (RedisError, RedisClusterException, IndexError, KeyError):
             return "cluster"
 
-    async def get(self, key: str) -> bytes | None:
-        return await self.client.get(key)
-
-    async def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
-        await self.client.set(key, value, ex=ttl_seconds)
-
-    async def delete(self, key: str) -> None:
-        await self.client.delete(key)
-
     async def ping(self) -> None:
         await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
