@@ -339,42 +339,22 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [row["backend"] for row in summary["projects"]]
-    positions = range(len(names))
-    left.bar(
-        [p - 0.2 for p in positions],
-        [row["first_seconds"] for row in summary["projects"]],
-        0.4,
-        label="first run",
+    _paired_bars(
+        left,
+        summary["projects"],
+        ("first_seconds", "first run"),
+        ("repeat_seconds", "later runs"),
+        "seconds per project",
+        "Model-bound project",
     )
-    left.bar(
-        [p + 0.2 for p in positions],
-        [row["repeat_seconds"] for row in summary["projects"]],
-        0.4,
-        label="later runs",
+    _paired_bars(
+        right,
+        summary["queries"],
+        ("first_median_ms", "first pass"),
+        ("second_median_ms", "second pass"),
+        "median ms per query",
+        "Knowledge-base query",
     )
-    left.set_xticks(list(positions), names)
-    left.set_ylabel("seconds per project")
-    left.set_title("Model-bound project")
-    left.legend()
-    names = [row["backend"] for row in summary["queries"]]
-    positions = range(len(names))
-    right.bar(
-        [p - 0.2 for p in positions],
-        [row["first_median_ms"] for row in summary["queries"]],
-        0.4,
-        label="first pass",
-    )
-    right.bar(
-        [p + 0.2 for p in positions],
-        [row["second_median_ms"] for row in summary["queries"]],
-        0.4,
-        label="second pass",
-    )
-    right.set_xticks(list(positions), names)
-    right.set_ylabel("median ms per query")
-    right.set_title("Knowledge-base query")
-    right.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
@@ -401,3 +381,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _paired_bars(
+    axis: Any,
+    rows: list[dict[str, Any]],
+    first: tuple[str, str],
+    second: tuple[str, str],
+    ylabel: str,
+    title: str,
+) -> None:
+    """Draw two bars per backend: ``first`` and ``second`` are (row key, legend label)."""
+    positions = range(len(rows))
+    for offset, (key, label) in ((-0.2, first), (0.2, second)):
+        axis.bar([position + offset for position in positions], [row[key] for row in rows], 0.4, label=label)
+    axis.set_xticks(list(positions), [row["backend"] for row in rows])
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend()
