@@ -44,7 +44,7 @@ MAX_CONCURRENT_FLUSHES = 3
 
 @dataclass(frozen=True, slots=True)
 class Refill:
-    """How a batch claims tasks for the slots its results free, in the transaction that stores it."""
+    """The claim a batch makes for the slots its results free, in the transaction that stores it."""
 
     # Given the results in a batch, returns how many tasks to claim; 0 claims none.
     limit: Callable[[int], int]

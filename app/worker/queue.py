@@ -593,7 +593,7 @@ async def release_dependents_many(
     """Count finished dependencies off their dependents; return (id, project id) of those that became ready.
 
     One statement does both: SQL evaluates every SET expression on the row as it was, so a
-    dependent whose last pending dependencies are among ``task_ids`` sees
+    dependent whose last pending dependencies are among ``task_ids`` still reads
     ``pending_dependencies`` equal to the number of them.
     """
     rows = await connection.execute(

@@ -155,7 +155,7 @@ async def test_batch_claims_a_task_per_result(runtime):
         row = await task_row(runtime, lease.task_id)
         assert (row.status, row.lease_owner, row.lease_token) == ("running", "worker-a", lease.token)
         assert lease.context is not None
-        # Claimed in the transaction that finished the batch, so no slot holds two attempts.
+        # Claimed in the transaction that finished the batch, so no slot runs two attempts at once.
         assert (await attempt_row(runtime, lease.task_id, lease.token)).started_at >= finished_at
 
 
