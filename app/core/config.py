@@ -513,7 +513,7 @@ class LoadBalancerSettings(Section):
     max_failures: int = Field(3, ge=1, description="Consecutive failed requests that eject an instance")
     slow_start_seconds: float = Field(10.0, ge=0, description="Ramp of a re-admitted instance's share")
     retries: int = Field(2, ge=0, le=10, description="Other instances tried after a failed attempt")
-    max_connections: int = Field(1000, ge=1, description="Client connections and requests at once")
+    max_connections: int = Field(1000, ge=1, description="Open client connections at once")
     backend_max_connections: int = Field(100, ge=1, description="Pooled connections to one instance")
     connect_timeout_seconds: float = Field(2.0, gt=0)
     read_timeout_seconds: float = Field(60.0, gt=0, description="Longest wait for each chunk of a response")

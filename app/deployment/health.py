@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
+import httpx
 
 from app.deployment.backends import Backend, BackendPool
 
@@ -18,7 +18,7 @@ class HealthChecker:
     def __init__(
         self,
         pool: BackendPool,
-        client: aiohttp.ClientSession,
+        client: httpx.AsyncClient,
         interval_seconds: float,
         failures_to_eject: int,
     ) -> None:
@@ -31,12 +31,11 @@ class HealthChecker:
     async def probe(self, backend: Backend) -> str | None:
         """Return None when the backend responds with 200, otherwise the reason it failed."""
         try:
-            async with self.client.get(f"{backend.base_url}/health", allow_redirects=False) as response:
-                await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            response = await self.client.get(f"{backend.base_url}/health")
+        except httpx.HTTPError as exc:
             return f"GET /health failed: {type(exc).__name__}: {exc}"
-        if response.status != 200:
-            return f"GET /health returned {response.status}"
+        if response.status_code != 200:
+            return f"GET /health returned {response.status_code}"
         return None
 
     async def check_once(self, *, initial: bool = False) -> None:

@@ -1,12 +1,16 @@
-"""The load balancer's ASGI application: forward each request to one API instance.
+"""The load balancer: forward each client request to one API instance.
 
-Upstream requests go through aiohttp's client: on this project's 2-core test machine it
-sent about 5,500 requests/s to one instance where httpx's AsyncClient sent about 800
-(measured with 8 concurrent requests to ``GET /health``). A response that declares a length
-of at most ``BUFFERED_RESPONSE_BYTES`` is read whole before anything is forwarded. Other
-responses are streamed back chunk by chunk as the instance sends them, so Server-Sent
-Events pass through unbuffered. Request bodies are read whole first (at most
-``api.max_body_bytes``, the API's own limit), so that a retry can send them again.
+Client connections are served by ``app.deployment.http_server`` and instances are reached
+through the keep-alive pools of ``app.deployment.upstream``, both on httptools and plain
+asyncio protocols. Served by uvicorn with aiohttp's client, the balancer reached 0.47 of
+nginx's throughput over three instances on this project's 2-core test machine; most of its
+CPU went to building ASGI messages and client objects that a proxy does not need.
+
+A response that declares a length of at most ``BUFFERED_RESPONSE_BYTES`` is read whole
+before anything is forwarded. Other responses are streamed back chunk by chunk as the
+instance sends them, so Server-Sent Events pass through unbuffered. Request bodies are
+read whole first (at most ``api.max_body_bytes``, the API's own limit), so that a retry
+can send them again.
 
 A failed attempt goes to another instance when that cannot run the request twice: always
 when no connection could be opened (nothing was sent), and for the idempotent methods also
@@ -20,22 +24,21 @@ response.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable
 
-import aiohttp
+import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
 
 from app.core.arguments import parse_address
 from app.core.config import LoadBalancerSettings
 from app.deployment.backends import Backend, BackendPool
 from app.deployment.balancer_metrics import BalancerMetrics
 from app.deployment.health import HealthChecker
+from app.deployment.http_server import ClientConnection, HTTPServer, Request
+from app.deployment.upstream import UpstreamConnectError, UpstreamError, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -53,26 +56,34 @@ HOP_BY_HOP_HEADERS = frozenset(
         b"upgrade",
     }
 )
-# Request headers the balancer sets itself; a client's own values are dropped. aiohttp sets
-# Content-Length from the buffered body.
-REPLACED_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | {b"x-real-ip", b"x-forwarded-proto", b"content-length"}
+# Request headers the balancer sets itself; a client's own values are dropped. The body
+# is sent with a Content-Length of its own, and the balancer itself responds to a client's
+# Expect: 100-continue.
+REPLACED_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | {
+    b"x-real-ip",
+    b"x-forwarded-proto",
+    b"content-length",
+    b"expect",
+}
+METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 REQUEST_ID_HEADER = b"x-request-id"
 # The API cuts a longer X-Request-ID to this length too, so both log the same id.
 MAX_REQUEST_ID_LENGTH = 100
-METRICS_PATH = "/metrics"
+METRICS_PATH = b"/metrics"
+BACKENDS_PATH = b"/lb/backends"
+# Shorter than uvicorn's 5 s keep-alive, so an idle connection is dropped here before the
+# instance closes it under a new request.
 UPSTREAM_KEEPALIVE_SECONDS = 4.0
-BACKENDS_PATH = "/lb/backends"
 # A project's JSON is tens of kilobytes. Larger responses are streamed, so the balancer's
 # memory per request stays bounded.
 BUFFERED_RESPONSE_BYTES = 1024 * 1024
-
-
-class ClientDisconnected(Exception):
-    """The client closed its connection before the balancer read the whole request body."""
+# Outcomes of a failed attempt: the instance cannot have seen the request, or it may have.
+NOT_SENT = "not_sent"
+FAILED = "failed"
 
 
 class LoadBalancer:
-    """ASGI application that balances HTTP requests over the configured API instances."""
+    """Balance HTTP requests over the configured API instances."""
 
     def __init__(self, settings: LoadBalancerSettings, max_body_bytes: int) -> None:
         self.settings = settings
@@ -85,28 +96,32 @@ class LoadBalancer:
             slow_start_seconds=settings.slow_start_seconds,
         )
         self.metrics = BalancerMetrics(self.pool)
-        self.clients: dict[Backend, aiohttp.ClientSession] = {}
-        self._health_client: aiohttp.ClientSession | None = None
+        self.server = HTTPServer(
+            self.handle,
+            max_connections=settings.max_connections,
+            max_body_bytes=max_body_bytes,
+            header_timeout=settings.header_timeout_seconds,
+            body_limit_detail=(
+                f"request body larger than {max_body_bytes} bytes; send less, or raise api.max_body_bytes"
+            ),
+        )
+        self.upstreams: dict[Backend, UpstreamPool] = {}
+        self._health_client: httpx.AsyncClient | None = None
         self._health_task: asyncio.Task[None] | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+    async def handle(self, request: Request, connection: ClientConnection) -> None:
+        if request.path == METRICS_PATH:
+            body = generate_latest(self.metrics.registry)
+            headers = [
+                (b"content-type", CONTENT_TYPE_LATEST.encode()),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            connection.respond(200, headers, body)
             return
-        if scope["type"] != "http":
-            # WebSocket: the API serves none, so the handshake is refused.
-            await receive()
-            await send({"type": "websocket.close", "code": 1003})
+        if request.path == BACKENDS_PATH:
+            connection.respond_json(200, self.describe_backends())
             return
-        if scope["path"] == METRICS_PATH:
-            await self._send_bytes(send, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
-            return
-        if scope["path"] == BACKENDS_PATH:
-            await self._send_bytes(
-                send, 200, json.dumps(self.describe_backends()).encode(), "application/json"
-            )
-            return
-        await self.proxy(scope, receive, send)
+        await self.proxy(request, connection)
 
     def describe_backends(self) -> list[dict[str, object]]:
         return [
@@ -123,50 +138,22 @@ class LoadBalancer:
 
     # Start-up and shutdown
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.start()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.stop()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     async def start(self) -> None:
         settings = self.settings
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            # aiohttp's `connect` would also cover the wait for a free pooled connection, and a
-            # busy but healthy instance would then be counted as failing. Only the TCP handshake
-            # is bounded, and a request waits for a pooled connection, as the client connection
-            # limit (max_connections) bounds how many can wait.
-            connect=None,
-            sock_connect=settings.connect_timeout_seconds,
-            sock_read=settings.read_timeout_seconds,
-        )
         for backend in self.pool.backends:
-            connector = aiohttp.TCPConnector(
-                limit=settings.backend_max_connections,
-                # Shorter than uvicorn's 5 s keep-alive, so an idle connection is dropped here
-                # before the instance closes it under a new request.
-                keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
+            self.upstreams[backend] = UpstreamPool(
+                backend.host,
+                backend.port,
+                max_connections=settings.backend_max_connections,
+                # Only the TCP handshake is bounded: a request waiting for a pooled connection
+                # to a busy but healthy instance is not a failure. The client connection
+                # limit (max_connections) bounds how many can wait.
+                connect_timeout=settings.connect_timeout_seconds,
+                read_timeout=settings.read_timeout_seconds,
+                keepalive_seconds=UPSTREAM_KEEPALIVE_SECONDS,
             )
-            self.clients[backend] = aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                auto_decompress=False,
-                # Headers come from the client only; aiohttp adds none of its own.
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-                # A jar would keep one client's Set-Cookie and send it with every later
-                # client's requests; cookies pass through in the headers instead.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                trust_env=False,
-            )
-        self._health_client = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=settings.health_check_timeout_seconds), trust_env=False
-        )
+        # Probes run every few seconds, so the client's per-request cost does not matter.
+        self._health_client = httpx.AsyncClient(timeout=settings.health_check_timeout_seconds, trust_env=False)
         checker = HealthChecker(
             self.pool,
             self._health_client,
@@ -191,32 +178,17 @@ class LoadBalancer:
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
-        for client in self.clients.values():
-            await client.close()
+        for upstreams in self.upstreams.values():
+            upstreams.close()
         if self._health_client is not None:
-            await self._health_client.close()
+            await self._health_client.aclose()
         logger.info("load balancer stopped", extra={"action": "lb.stopped"})
 
     # Proxying
 
-    async def proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope["method"]
-        headers, request_id = self._upstream_headers(scope)
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._send_error(send, 413, self._body_limit_detail(), request_id)
-            return
-        try:
-            body = await self._read_body(receive)
-        except ClientDisconnected:
-            return
-        if body is None:
-            await self._send_error(send, 413, self._body_limit_detail(), request_id)
-            return
-
-        # The path and query as the client encoded them, so that nothing is decoded twice.
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-        query = scope.get("query_string", b"").decode("latin-1")
+    async def proxy(self, request: Request, connection: ClientConnection) -> None:
+        method = request.method
+        head, request_id, has_host = self._upstream_head(request)
         tried: list[Backend] = []
         for attempt in range(self.settings.retries + 1):
             backend = self.pool.choose(exclude=tried)
@@ -225,176 +197,142 @@ class LoadBalancer:
             if attempt:
                 self.metrics.retries.inc()
             tried.append(backend)
-            outcome = await self._attempt(
-                backend, method, path, query, headers, body, request_id, receive, send
-            )
+            full_head = head if has_host else head + b"host: %s\r\n" % backend.address.encode()
+            outcome = await self._attempt(backend, request, full_head + b"\r\n", request_id, connection)
             if outcome is None:
                 return
-            if not (outcome == "not_sent" or method in IDEMPOTENT_METHODS):
+            if not (outcome == NOT_SENT or method in IDEMPOTENT_METHODS):
                 detail = (
                     f"the API instance failed while handling this {method} request, which may have "
                     "taken effect: check before sending it again"
                 )
-                await self._send_error(send, 502, detail, request_id)
+                self._send_error(connection, 502, detail, request_id)
                 return
 
         if not tried:
             detail = "no API instance is available: every backend is failing its health checks"
-            await self._send_error(send, 503, detail, request_id, retry_after=True)
+            self._send_error(connection, 503, detail, request_id, retry_after=True)
         else:
             addresses = ", ".join(backend.address for backend in tried)
-            await self._send_error(send, 502, f"no API instance answered; tried {addresses}", request_id)
+            self._send_error(connection, 502, f"no API instance answered; tried {addresses}", request_id)
 
     async def _attempt(
-        self,
-        backend: Backend,
-        method: str,
-        path: str,
-        query: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        request_id: bytes,
-        receive: Receive,
-        send: Send,
+        self, backend: Backend, request: Request, head: bytes, request_id: bytes, connection: ClientConnection
     ) -> str | None:
         """Send one attempt; return None once a response was forwarded, else why it failed.
 
-        ``"not_sent"`` means the instance cannot have seen the request; ``"failed"`` means
-        it may have.
+        ``NOT_SENT`` means the instance cannot have seen the request; ``FAILED`` means it may
+        have.
         """
-        client = self.clients[backend]
-        url = URL.build(
-            scheme="http", host=backend.host, port=backend.port, path=path, query_string=query, encoded=True
-        )
+        upstreams = self.upstreams[backend]
         backend.active_requests += 1
         started = time.perf_counter()
         try:
             try:
-                response = await client.request(
-                    method, url, headers=headers, data=body or None, allow_redirects=False
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                # No connection was opened: nothing reached the instance.
-                self._count_failure(backend, method, request_id, exc)
-                return "not_sent"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._count_failure(backend, method, request_id, exc)
-                return "failed"
-
+                upstream = await upstreams.acquire()
+            except UpstreamConnectError as exc:
+                self._count_failure(backend, request.method, request_id, exc)
+                return NOT_SENT
             try:
-                buffered = await _read_small_body(response, method)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                response.close()
-                self._count_failure(backend, method, request_id, exc)
-                return "failed"
+                response = await upstream.send(
+                    head,
+                    request.body,
+                    head_only=request.method == "HEAD",
+                    buffer_limit=BUFFERED_RESPONSE_BYTES,
+                )
+            except UpstreamError as exc:
+                upstreams.release(upstream, reusable=False)
+                self._count_failure(backend, request.method, request_id, exc)
+                return FAILED
+            except BaseException:
+                upstreams.release(upstream, reusable=False)
+                raise
 
             self.metrics.duration.observe(time.perf_counter() - started)
             self.metrics.requests.labels(backend.address, str(response.status)).inc()
             self.pool.record_success(backend)
-            try:
-                await self._forward_response(response, buffered, method, request_id, receive, send)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self._count_failure(backend, method, request_id, exc, streaming=True)
-            finally:
-                response.close()
+            headers = _response_headers(response, request_id)
+            if response.buffered or response.head_only or _has_no_body(response.status):
+                upstreams.release(upstream, reusable=response.complete and response.keep_alive)
+                body = response.body if response.buffered and not _has_no_body(response.status) else b""
+                connection.respond(response.status, headers, body, response.reason)
+                return None
+            await self._stream(backend, upstreams, response, headers, request, request_id, connection)
             return None
         finally:
             backend.active_requests -= 1
 
-    async def _forward_response(
+    async def _stream(
         self,
-        response: aiohttp.ClientResponse,
-        buffered: bytes | None,
-        method: str,
+        backend: Backend,
+        upstreams: UpstreamPool,
+        response: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
+        request: Request,
         request_id: bytes,
-        receive: Receive,
-        send: Send,
+        connection: ClientConnection,
     ) -> None:
-        headers = []
-        has_request_id = False
-        has_length = False
-        dropped = HOP_BY_HOP_HEADERS | _connection_options(response.raw_headers)
-        if _has_no_body(response.status):
-            # uvicorn rejects a Content-Length on a response it sends without a body, and
-            # the client needs none: these statuses never have one.
-            dropped = dropped | {b"content-length"}
-        for name, value in response.raw_headers:
-            name = name.lower()
-            if name in dropped:
-                continue
-            has_request_id = has_request_id or name == REQUEST_ID_HEADER
-            has_length = has_length or name == b"content-length"
-            headers.append((name, value))
-        if not has_request_id:
-            headers.append((REQUEST_ID_HEADER, request_id))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        if method == "HEAD":
-            await send({"type": "http.response.body", "body": b""})
-            return
-        if buffered is not None:
-            await send({"type": "http.response.body", "body": buffered})
-            return
-        if has_length:
-            await _copy_body(response, send)
-            return
-
+        """Copy a response to the client as the instance sends it, until either side ends it."""
+        connection.start_stream(
+            response.status, headers, length_known=response.content_length is not None, reason=response.reason
+        )
         # A response of unknown length, such as an event stream, may run for hours: stop
         # reading it from the instance as soon as the client goes away.
-        copy = asyncio.create_task(_copy_body(response, send))
-        watch = asyncio.create_task(_wait_for_disconnect(receive))
-        done, _ = await asyncio.wait({copy, watch}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (copy, watch):
-            task.cancel()
-        await asyncio.gather(copy, watch, return_exceptions=True)
-        if copy in done and not copy.cancelled():
-            copy.result()
+        connection.on_close = response.connection.close
+        try:
+            while not connection.closed:
+                chunk = await response.read_chunk()
+                if not chunk:
+                    break
+                await connection.write(chunk)
+        except UpstreamError as exc:
+            upstreams.release(response.connection, reusable=False)
+            if not connection.closed:
+                self._count_failure(backend, request.method, request_id, exc, streaming=True)
+                connection.cut_off()
+            return
+        except BaseException:
+            upstreams.release(response.connection, reusable=False)
+            raise
+        upstreams.release(
+            response.connection, reusable=response.complete and response.keep_alive and not connection.closed
+        )
+        if not connection.closed:
+            connection.end_stream()
 
-    def _upstream_headers(self, scope: Scope) -> tuple[list[tuple[str, str]], bytes]:
-        client_address = scope["client"][0] if scope.get("client") else ""
-        headers: list[tuple[str, str]] = []
-        forwarded_for = ""
+    def _upstream_head(self, request: Request) -> tuple[bytes, bytes, bool]:
+        """Return the request line and headers for the instance, its request id, and whether it has Host.
+
+        The head ends without its blank line, so a Host header can still be added.
+        """
+        lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.target)]
+        forwarded_for = b""
         request_id = b""
-        dropped = REPLACED_REQUEST_HEADERS | _connection_options(scope["headers"])
-        for name, value in scope["headers"]:
+        has_host = False
+        dropped = REPLACED_REQUEST_HEADERS | _connection_options(request.headers)
+        for name, value in request.headers:
             if name in dropped:
                 continue
             if name == b"x-forwarded-for":
-                forwarded_for = value.decode("latin-1")
+                forwarded_for = value
                 continue
             if name == REQUEST_ID_HEADER:
                 # The first one counts, so the instance receives exactly the id the balancer logs.
                 request_id = request_id or value[:MAX_REQUEST_ID_LENGTH]
                 continue
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            has_host = has_host or name == b"host"
+            lines.append(b"%s: %s\r\n" % (name, value))
         if not request_id:
             request_id = uuid.uuid4().hex.encode()
-        headers.append(("x-request-id", request_id.decode("latin-1")))
-        headers.append(
-            ("x-forwarded-for", f"{forwarded_for}, {client_address}" if forwarded_for else client_address)
+        client = request.client_host.encode()
+        lines.append(b"x-request-id: %s\r\n" % request_id)
+        lines.append(
+            b"x-forwarded-for: %s\r\n" % (forwarded_for + b", " + client if forwarded_for else client)
         )
-        headers.append(("x-real-ip", client_address))
-        headers.append(("x-forwarded-proto", scope.get("scheme", "http")))
-        return headers, request_id
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """Return the whole request body, or None when it is over ``max_body_bytes``."""
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        return b"".join(chunks)
-
-    def _body_limit_detail(self) -> str:
-        return f"request body larger than {self.max_body_bytes} bytes; send less, or raise api.max_body_bytes"
+        lines.append(b"x-real-ip: %s\r\nx-forwarded-proto: http\r\n" % client)
+        if request.body or request.method in METHODS_WITH_BODY:
+            lines.append(b"content-length: %d\r\n" % len(request.body))
+        return b"".join(lines), request_id, has_host
 
     def _count_failure(
         self, backend: Backend, method: str, request_id: bytes, exc: Exception, *, streaming: bool = False
@@ -430,29 +368,38 @@ class LoadBalancer:
             },
         )
 
-    async def _send_error(
-        self, send: Send, status: int, detail: str, request_id: bytes, *, retry_after: bool = False
+    def _send_error(
+        self,
+        connection: ClientConnection,
+        status: int,
+        detail: str,
+        request_id: bytes,
+        *,
+        retry_after: bool = False,
     ) -> None:
         self.metrics.requests.labels("none", str(status)).inc()
         extra_headers = [(REQUEST_ID_HEADER, request_id)]
         if retry_after:
             extra_headers.append((b"retry-after", b"2"))
-        body = json.dumps({"detail": detail}).encode()
-        await self._send_bytes(send, status, body, "application/json", extra_headers)
+        connection.respond_json(status, {"detail": detail}, extra_headers)
 
-    @staticmethod
-    async def _send_bytes(
-        send: Send,
-        status: int,
-        body: bytes,
-        content_type: str,
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-        await send(
-            {"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])}
-        )
-        await send({"type": "http.response.body", "body": body})
+
+def _response_headers(response: UpstreamResponse, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """Return the instance's response headers as the client gets them."""
+    dropped = HOP_BY_HOP_HEADERS | _connection_options(response.headers)
+    if _has_no_body(response.status):
+        # These statuses never have a body, so a Content-Length would only mislead.
+        dropped = dropped | {b"content-length"}
+    headers = []
+    has_request_id = False
+    for name, value in response.headers:
+        if name in dropped:
+            continue
+        has_request_id = has_request_id or name == REQUEST_ID_HEADER
+        headers.append((name, value))
+    if not has_request_id:
+        headers.append((REQUEST_ID_HEADER, request_id))
+    return headers
 
 
 def _connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -465,45 +412,9 @@ def _connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byt
     return frozenset(names)
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
-
-
 def _has_no_body(status: int) -> bool:
     """Tell whether a response with this status has no body, whatever its Content-Length.
 
     RFC 9110, section 6.4.1: 1xx, 204 and 304 responses carry no content.
     """
     return status < 200 or status in (204, 304)
-
-
-async def _read_small_body(response: aiohttp.ClientResponse, method: str) -> bytes | None:
-    """Read a response body of known, bounded length whole; None for one to stream."""
-    length = response.content_length
-    if method == "HEAD" or length is None or length > BUFFERED_RESPONSE_BYTES:
-        return None
-    if _has_no_body(response.status):
-        return None
-    body = await response.read()
-    if len(body) != length:
-        # aiohttp raises ClientPayloadError itself when the connection closes early; a body
-        # that is still short here must not be forwarded under the declared length either.
-        raise aiohttp.ClientPayloadError(f"expected {length} bytes, received {len(body)}")
-    return body
-
-
-async def _copy_body(response: aiohttp.ClientResponse, send: Send) -> None:
-    async for chunk in response.content.iter_any():
-        if chunk:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return

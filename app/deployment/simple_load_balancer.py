@@ -10,14 +10,16 @@ ejection and slow start. Production deployments use nginx or a Kubernetes ingres
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import signal
+import socket
 import sys
-
-import uvicorn
+from collections.abc import Callable
 
 from app.core.arguments import parse_address, port_number
 from app.core.config import LoadBalancerSettings, load_settings
-from app.core.http_protocol import with_header_timeout
 from app.core.listening import bind_socket
 from app.core.logging import configure_logging
 from app.deployment.backends import STRATEGIES
@@ -25,6 +27,9 @@ from app.deployment.proxy import LoadBalancer
 from app.errors import TorontoAIError
 
 logger = logging.getLogger(__name__)
+
+# Connections the kernel queues before the balancer accepts them; nginx uses 511 on Linux.
+BACKLOG = 2048
 
 
 def backend_list(text: str) -> list[str]:
@@ -72,31 +77,60 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 def run(settings: LoadBalancerSettings, max_body_bytes: int) -> None:
-    """Serve until SIGINT or SIGTERM, then let requests in flight finish for ``shutdown_grace_seconds``."""
+    """Serve until SIGINT or SIGTERM, then let requests in flight finish for ``shutdown_grace_seconds``.
+
+    The process then ends by the signal it received, as a supervisor expects of a process
+    that was stopped.
+    """
     sock = bind_socket(settings.host, settings.port, "--port or load_balancer.port")
-    config = uvicorn.Config(
-        LoadBalancer(settings, max_body_bytes),
-        log_config=None,  # app.core.logging owns the handlers
-        http=with_header_timeout(settings.header_timeout_seconds),
-        lifespan="on",
-        # The balancer is the edge: X-Forwarded-For from a client is extended, never trusted
-        # as the client's address.
-        proxy_headers=False,
-        # uvicorn responds with 503 when the open connections, counting the new one, reach
-        # limit_concurrency, so + 1 admits exactly max_connections.
-        limit_concurrency=settings.max_connections + 1,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
-        # The instance's own Server and Date headers pass through.
-        server_header=False,
-        date_header=False,
-    )
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        received = runner.run(serve(LoadBalancer(settings, max_body_bytes), sock))
+    signal.signal(received, signal.SIG_DFL)
+    os.kill(os.getpid(), received)
+
+
+async def serve(balancer: LoadBalancer, sock: socket.socket) -> signal.Signals:
+    """Run the balancer on a bound socket until a stop signal; return that signal."""
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Future[signal.Signals] = loop.create_future()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stop_signal, _resolve, stopping, stop_signal)
+
+    await balancer.start()
+    server = await loop.create_server(balancer.server.protocol_factory, sock=sock, backlog=BACKLOG)
+    settings = balancer.settings
     logger.info(
         "load balancer listening on %s:%d",
         settings.host,
         settings.port,
         extra={"action": "lb.listening", "host": settings.host, "port": settings.port},
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    received = await stopping
+
+    logger.info(
+        "load balancer stopping on %s; requests in flight get %g s",
+        received.name,
+        settings.shutdown_grace_seconds,
+        extra={"action": "lb.stopping", "signal": received.name},
+    )
+    server.close()
+    await balancer.server.shutdown(settings.shutdown_grace_seconds)
+    await balancer.stop()
+    return received
+
+
+def _resolve(future: asyncio.Future[signal.Signals], received: signal.Signals) -> None:
+    if not future.done():
+        future.set_result(received)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop's event loop where it is installed (it comes with uvicorn[standard]), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
 
 def main(argv: list[str] | None = None) -> int:
