@@ -2,8 +2,9 @@
 
 ``ScriptedBackend`` is an ASGI app under uvicorn in a thread: ``/health`` follows its
 ``healthy`` flag, ``/echo`` returns the request it received, ``/hold`` waits until the test
-releases it, ``/set-cookie`` sets a cookie, ``/not-modified`` responds 304, and ``/events`` streams Server-Sent Events one
-at a time as the test releases them.
+releases it, ``/set-cookie`` sets a cookie, ``/not-modified`` responds 304, ``/events`` streams Server-Sent
+Events one at a time as the test releases them, ``/large?bytes=N`` sends N bytes with a
+Content-Length and ``/chunked`` sends three parts without one.
 
 ``DroppingBackend`` answers ``/health``, and ``/not-modified`` with a 304 that carries a
 Content-Length, which RFC 9110 allows and uvicorn cannot send. It closes every other
@@ -92,6 +93,15 @@ class ScriptedBackend:
             await send({"type": "http.response.body", "body": b""})
         elif scope["path"] == "/events":
             await self._stream_events(send)
+        elif scope["path"] == "/large":
+            await self._send_large(send, int(scope["query_string"].decode().removeprefix("bytes=")))
+        elif scope["path"] == "/chunked":
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+            )
+            for part in (b"part-1;", b"part-2;", b"part-3"):
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
         else:
             await self._json(send, 404, {"detail": "not found"})
 
@@ -111,6 +121,19 @@ class ScriptedBackend:
         await send({"type": "http.response.body", "body": b"id: 2\ndata: second\n\n", "more_body": True})
         self.events_sent = 2
         await send({"type": "http.response.body", "body": b""})
+
+    @staticmethod
+    async def _send_large(send: Send, size: int) -> None:
+        headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        # Byte i is i % 251, so a reordered or lost piece changes the content.
+        pattern = bytes(range(251)) * (64 * 1024 // 251 + 2)
+        sent = 0
+        while sent < size:
+            offset = sent % 251
+            part = pattern[offset : offset + min(64 * 1024, size - sent)]
+            sent += len(part)
+            await send({"type": "http.response.body", "body": part, "more_body": sent < size})
 
     @staticmethod
     async def _json(
