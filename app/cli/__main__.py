@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from app.cli.demo import run_demo
-from app.core.arguments import port_number, port_or_zero
+from app.core.arguments import parse_command_line, port_number, port_or_zero
 from app.core.config import load_settings
 from app.core.logging import configure_logging
 from app.errors import TorontoAIError
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    arguments = parse_command_line(build_parser(), argv)
     try:
         if arguments.command == "migrate":
             asyncio.run(migrate())

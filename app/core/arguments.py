@@ -40,3 +40,28 @@ def parse_address(text: str) -> tuple[str, int]:
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r} has no valid port; use a number from 1 to 65535 after the colon")
     return host, int(port_text)
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` like ``parser.parse_args``, but report an unknown option under its subcommand.
+
+    argparse reports arguments that no parser recognized with the top-level usage, which
+    lists only the subcommands. The usage of the subcommand the option followed shows the
+    options that are valid there.
+    """
+    arguments, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _innermost_parser(parser, arguments).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return arguments
+
+
+def _innermost_parser(
+    parser: argparse.ArgumentParser, arguments: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """Return the parser of the subcommand that ``arguments`` selected, following nested subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(arguments, action.dest, None)
+            if chosen in action.choices:
+                return _innermost_parser(action.choices[chosen], arguments)
+    return parser

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from app.core.arguments import parse_command_line
 from app.core.config import Settings, load_settings
 from app.core.logging import configure_logging
 from app.errors import DocumentError, TorontoAIError
@@ -217,7 +218,7 @@ async def run(arguments: argparse.Namespace, settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    arguments = parse_command_line(build_parser(), argv)
     try:
         settings = load_settings()
         configure_logging("WARNING", settings.log_format)
