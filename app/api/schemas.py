@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.db.states import ProjectStatus
 
@@ -14,6 +15,19 @@ OFFLINE_NOTICE = (
     "from the brief, not a model's work. Configure an LLM provider for real outputs."
 )
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def valid_name(value: str) -> str:
+    """Check a team or knowledge-base name, with a message that states the rule, not the regex."""
+    if not re.fullmatch(NAME_PATTERN, value):
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        raise ValueError(f"{shown!r} is not a valid name; use {NAME_RULE}")
+    return value
+
+
+# The pattern stays in the OpenAPI schema, so clients can check names before sending them.
+ResourceName = Annotated[str, AfterValidator(valid_name), Field(json_schema_extra={"pattern": NAME_PATTERN})]
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -40,8 +54,8 @@ class ProjectCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
     brief: str = Field(description="What the team should deliver, in prose")
-    team: str = Field("default", pattern=NAME_PATTERN)
-    knowledge_base: str | None = Field(None, pattern=NAME_PATTERN)
+    team: ResourceName = "default"
+    knowledge_base: ResourceName | None = None
     title: str | None = Field(None, max_length=200)
 
     @field_validator("brief")

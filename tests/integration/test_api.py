@@ -78,7 +78,7 @@ async def test_event_stream_ends_after_completion(api):
         ({}, "body.brief", "Field required"),
         ({"brief": 5}, "body.brief", "valid string"),
         ({"brief": BRIEF, "colour": "red"}, "body.colour", "unknown field; accepted fields"),
-        ({"brief": BRIEF, "team": "no such/team"}, "body.team", "pattern"),
+        ({"brief": BRIEF, "team": "no such/team"}, "body.team", "is not a valid name; use 1 to 64 letters"),
         ({"brief": BRIEF, "title": " "}, "body.title", "empty or only whitespace"),
     ],
 )

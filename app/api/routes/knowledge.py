@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.deps import RuntimeDep
-from app.api.schemas import NAME_PATTERN, as_utc, storable_text
+from app.api.schemas import NAME_RULE, ResourceName, as_utc, storable_text
 from app.errors import DocumentError
 from app.knowledge import repository
 from app.knowledge.repository import DocumentStatus, NewDocument
@@ -20,9 +20,7 @@ router = APIRouter(prefix="/api/v1/knowledge-bases", tags=["knowledge bases"])
 class KnowledgeBaseCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(
-        pattern=NAME_PATTERN, description="Letters, digits, `_`, `.` and `-`; 1 to 64 characters"
-    )
+    name: ResourceName = Field(description=NAME_RULE.capitalize())
     description: str = Field("", max_length=2000)
 
     @field_validator("description")

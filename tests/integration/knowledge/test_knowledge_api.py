@@ -117,6 +117,7 @@ async def test_invalid_name_is_rejected(api, name):
 
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "body.name"
+    assert "use 1 to 64 letters, digits" in response.json()["errors"][0]["message"]
     assert (await api.client.get(BASES)).json() == []
 
 
