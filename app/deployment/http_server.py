@@ -237,6 +237,11 @@ class ClientConnection(asyncio.Protocol):
             self._drain_waiter.set_result(None)
         if self.on_close is not None:
             self.on_close()
+        if self._task is not None and not self._task.done():
+            # The client is gone, so stop waiting for a pooled connection or for the
+            # instance. The request then frees its connection slot at once instead of
+            # keeping it until the instance responds.
+            self._task.cancel()
 
     # httptools callbacks
 

@@ -1,0 +1,97 @@
+"""The load balancer as a process under hostile or broken clients.
+
+Each test speaks raw HTTP/1.1 over a socket, so it can send what a well-behaved client
+library never would: oversized or endless headers, trailers, stalled bodies, and
+connections closed while the request is still in flight.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.balancers import BalancerProcess
+from tests.e2e.processes import port_in_test_range, wait_until
+from tests.integration.deployment.scripted_backends import ScriptedBackend
+from tests.integration.deployment.test_load_balancer import start_balancer, stop
+
+POOLED_CONNECTIONS = 2
+HEADER_TIMEOUT_SECONDS = 1.0
+
+
+class Setup:
+    def __init__(self, backend: ScriptedBackend, balancer: BalancerProcess) -> None:
+        self.backend = backend
+        self.balancer = balancer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    tmp_path: Path = tmp_path_factory.mktemp("attacks")
+    backend = ScriptedBackend("target", port_in_test_range())
+    backend.start()
+    balancer = start_balancer(
+        tmp_path,
+        "attacked",
+        [backend.address],
+        TORONTO_AI_LOAD_BALANCER__BACKEND_MAX_CONNECTIONS=str(POOLED_CONNECTIONS),
+        TORONTO_AI_LOAD_BALANCER__HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT_SECONDS),
+    )
+    try:
+        balancer.wait_admitted([backend.address])
+        yield Setup(backend, balancer)
+    finally:
+        stop(balancer)
+        backend.stop()
+
+
+def connect(balancer: BalancerProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", balancer.port), timeout=10)
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    """Return what the balancer sends until it closes the connection."""
+    received = b""
+    try:
+        while chunk := connection.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def held_requests(backend: ScriptedBackend) -> int:
+    return sum(request["path"] == "/hold" for request in backend.requests)
+
+
+def test_disconnected_clients_free_their_slots(setup: Setup) -> None:
+    backend = setup.backend
+    balancer = setup.balancer
+    backend.release.clear()
+    held_before = held_requests(backend)
+    # Two requests take both pooled connections; four more wait for one of them.
+    clients = [connect(balancer) for _ in range(POOLED_CONNECTIONS + 4)]
+    for client in clients:
+        client.sendall(b"GET /hold HTTP/1.1\r\nHost: test\r\n\r\n")
+    wait_until(
+        lambda: held_requests(backend) == held_before + POOLED_CONNECTIONS, 10, "both pooled connections busy"
+    )
+    for client in clients:
+        client.close()
+
+    address = backend.address
+    wait_until(
+        lambda: balancer.backends()[address]["active_requests"] == 0,
+        10,
+        "requests of disconnected clients to end",
+        balancer.log_tail,
+    )
+    # The backend is still handling the first two requests, so this one gets a pooled connection
+    # only if the disconnected requests gave theirs back.
+    with balancer.client(timeout=10) as client:
+        response = client.get("/echo")
+    assert response.status_code == 200
+    assert "lb.internal_error" not in balancer.log_tail(400)
