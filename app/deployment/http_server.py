@@ -14,6 +14,7 @@ What it enforces before a request reaches the balancer:
 - request headers complete within ``header_timeout`` of the connection opening or of the
   first byte of a later request, so slow clients cannot hold connections open
   ("slowloris"); an idle keep-alive connection is closed after ``KEEPALIVE_SECONDS``;
+- at most ``MAX_HEADER_BYTES`` of request line and headers, and as many of trailers: 431;
 - malformed requests get 400, and ``CONNECT`` gets 405.
 
 Requests pipelined on one connection are answered in order.
@@ -39,6 +40,9 @@ KEEPALIVE_SECONDS = 5.0
 # with unread bytes makes the kernel reset the connection, and the client may then never
 # see the response.
 LINGER_SECONDS = 2.0
+# httptools has no limit of its own: it keeps a header that is still arriving in memory,
+# so without this bound one connection could send gigabytes within the header timeout.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -122,6 +126,10 @@ class ClientConnection(asyncio.Protocol):
         self._lingering = False
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_for_headers = False
+        self._in_message = False
+        self._message_began = False  # during the current read
+        self._body_arrived = False  # during the current read
+        self._field_bytes = 0  # read since the last body bytes, while no body arrives
 
         # The request being parsed.
         self._target = b""
@@ -211,6 +219,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._ignore_input:
             return
+        self._message_began = False
+        self._body_arrived = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -220,6 +230,8 @@ class ClientConnection(asyncio.Protocol):
             self._ignore_input = True
         except httptools.HttpParserError as exc:
             self._reject_malformed(exc)
+        if not self._ignore_input:
+            self._count_field_bytes(len(data))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -246,6 +258,8 @@ class ClientConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._in_message = True
+        self._message_began = True
         self._target = b""
         self._headers = []
         self._body = []
@@ -284,6 +298,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self._body_arrived = True
         if self._ignore_input:
             return
         self._body_size += len(body)
@@ -293,6 +308,7 @@ class ClientConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._ignore_input:
             return
         parser = self._parser
@@ -406,6 +422,24 @@ class ClientConnection(asyncio.Protocol):
             rejection=(status, detail),
         )
         self._enqueue(request)
+
+    def _count_field_bytes(self, size: int) -> None:
+        """Reject a request whose head or trailers grow past ``MAX_HEADER_BYTES``.
+
+        A read that starts a request or carries body bytes restarts the count, so the read
+        in which a request begins is not counted: that is at most one read buffer more.
+        """
+        if not self._in_message or self._message_began or self._body_arrived:
+            self._field_bytes = 0
+            return
+        self._field_bytes += size
+        if self._field_bytes > MAX_HEADER_BYTES:
+            self._cancel_timer()
+            detail = (
+                f"request headers or trailers larger than {MAX_HEADER_BYTES} bytes; "
+                "send fewer or shorter header fields"
+            )
+            self._reject(431, detail)
 
     def _reject_malformed(self, exc: Exception) -> None:
         self._ignore_input = True

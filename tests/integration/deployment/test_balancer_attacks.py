@@ -95,3 +95,63 @@ def test_disconnected_clients_free_their_slots(setup: Setup) -> None:
         response = client.get("/echo")
     assert response.status_code == 200
     assert "lb.internal_error" not in balancer.log_tail(400)
+
+
+def send_ignoring_close(connection: socket.socket, parts: Iterator[bytes]) -> None:
+    """Send each part until the balancer closes the connection."""
+    for part in parts:
+        try:
+            connection.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
+def status_line(response: bytes) -> bytes:
+    return response.split(b"\r\n", 1)[0]
+
+
+def many_headers(total_bytes: int) -> Iterator[bytes]:
+    batch = b"".join(b"x-filler-%05d: %s\r\n" % (index, b"v" * 80) for index in range(100))
+    for _ in range(total_bytes // len(batch) + 1):
+        yield batch
+
+
+def one_long_header(total_bytes: int) -> Iterator[bytes]:
+    yield b"x-long: "
+    for _ in range(total_bytes // 8192 + 1):
+        yield b"v" * 8192
+
+
+@pytest.mark.parametrize("header_lines", [many_headers, one_long_header])
+def test_oversized_headers_rejected(setup: Setup, header_lines) -> None:
+    requests_before = len(setup.backend.requests)
+    with connect(setup.balancer) as connection:
+        connection.sendall(b"GET /echo HTTP/1.1\r\nHost: test\r\n")
+        send_ignoring_close(connection, header_lines(4 * 1024 * 1024))
+        response = read_until_closed(connection)
+
+    assert status_line(response) == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert b"send fewer or shorter header fields" in response
+    assert len(setup.backend.requests) == requests_before
+
+
+def test_large_headers_within_limit_forwarded(setup: Setup) -> None:
+    headers = {f"x-filler-{index:03d}": "v" * 200 for index in range(150)}  # about 32 KiB
+    with setup.balancer.client() as client:
+        response = client.get("/echo", headers=headers)
+
+    assert response.status_code == 200
+    assert response.json()["headers"]["x-filler-149"] == "v" * 200
+
+
+def test_endless_trailers_rejected(setup: Setup) -> None:
+    requests_before = len(setup.backend.requests)
+    with connect(setup.balancer) as connection:
+        connection.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+        )
+        send_ignoring_close(connection, many_headers(4 * 1024 * 1024))
+        response = read_until_closed(connection)
+
+    assert status_line(response) == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert len(setup.backend.requests) == requests_before
