@@ -17,6 +17,9 @@ What it enforces before a request reaches the balancer:
 - at most ``MAX_HEADER_BYTES`` of request line and headers, and as many of trailers: 431;
 - malformed requests get 400, and ``CONNECT`` gets 405.
 
+Trailer fields after a chunked body are read and dropped, because the body goes to the
+instance with a Content-Length and without them.
+
 Requests pipelined on one connection are answered in order.
 """
 
@@ -272,6 +275,10 @@ class ClientConnection(asyncio.Protocol):
         self._target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._waiting_for_headers:
+            # A trailer field. Merged into the headers, it would reach the instance as a
+            # header that no proxy in front of this one inspected.
+            return
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:

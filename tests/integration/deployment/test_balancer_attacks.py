@@ -7,6 +7,7 @@ connections closed while the request is still in flight.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,21 @@ def test_large_headers_within_limit_forwarded(setup: Setup) -> None:
 
     assert response.status_code == 200
     assert response.json()["headers"]["x-filler-149"] == "v" * 200
+
+
+def test_trailers_not_forwarded(setup: Setup) -> None:
+    with connect(setup.balancer) as connection:
+        connection.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Trailer-Field: smuggled\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n"
+        )
+        response = read_until_closed(connection)
+
+    assert status_line(response) == b"HTTP/1.1 200 OK"
+    echoed = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert echoed["body_length"] == 5
+    assert "x-trailer-field" not in echoed["headers"]
+    assert echoed["headers"]["x-forwarded-for"] == "127.0.0.1"
 
 
 def test_endless_trailers_rejected(setup: Setup) -> None:
