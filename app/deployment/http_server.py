@@ -14,6 +14,7 @@ What it enforces before a request reaches the balancer:
 - request headers complete within ``header_timeout`` of the connection opening or of the
   first byte of a later request, so slow clients cannot hold connections open
   ("slowloris"); an idle keep-alive connection is closed after ``KEEPALIVE_SECONDS``;
+- a request body that stops arriving for ``header_timeout`` gets 408;
 - at most ``MAX_HEADER_BYTES`` of request line and headers, and as many of trailers: 431;
 - malformed requests get 400, and ``CONNECT`` gets 405.
 
@@ -235,6 +236,11 @@ class ClientConnection(asyncio.Protocol):
             self._reject_malformed(exc)
         if not self._ignore_input:
             self._count_field_bytes(len(data))
+        if self._in_message and not self._waiting_for_headers and not self._ignore_input:
+            # The body or its trailers are still to come: each read restarts their deadline.
+            # NOTE: a client that sends a byte now and then still keeps its connection
+            # until the body reaches max_body_bytes.
+            self._arm_timer(self.server.header_timeout, self._body_timed_out)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -316,6 +322,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._cancel_timer()
         if self._ignore_input:
             return
         parser = self._parser
@@ -476,6 +483,25 @@ class ClientConnection(asyncio.Protocol):
             extra={"action": "http.header_timeout", "client": self.client_host},
         )
         self._close()
+
+    def _body_timed_out(self) -> None:
+        self._timer = None
+        if self.closed or self._ignore_input:
+            return
+        if self._pipeline:
+            # Reading is paused until the requests before this one have responses.
+            self._arm_timer(self.server.header_timeout, self._body_timed_out)
+            return
+        logger.info(
+            "rejected a request whose body stopped arriving for %g s",
+            self.server.header_timeout,
+            extra={"action": "http.body_timeout", "client": self.client_host},
+        )
+        detail = (
+            f"no request body bytes arrived for {self.server.header_timeout:g} s; "
+            "send the whole body without pausing"
+        )
+        self._reject(408, detail)
 
     def _arm_timer(self, delay: float, callback: Callable[[], None]) -> None:
         self._cancel_timer()

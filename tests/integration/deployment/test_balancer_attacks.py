@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def read_until_closed(connection: socket.socket) -> bytes:
     except ConnectionResetError:
         pass
     return received
+
+
+def echo_requests(backend: ScriptedBackend) -> int:
+    return sum(request["path"] == "/echo" for request in backend.requests)
 
 
 def held_requests(backend: ScriptedBackend) -> int:
@@ -125,7 +130,7 @@ def one_long_header(total_bytes: int) -> Iterator[bytes]:
 
 @pytest.mark.parametrize("header_lines", [many_headers, one_long_header])
 def test_oversized_headers_rejected(setup: Setup, header_lines) -> None:
-    requests_before = len(setup.backend.requests)
+    requests_before = echo_requests(setup.backend)
     with connect(setup.balancer) as connection:
         connection.sendall(b"GET /echo HTTP/1.1\r\nHost: test\r\n")
         send_ignoring_close(connection, header_lines(4 * 1024 * 1024))
@@ -133,7 +138,7 @@ def test_oversized_headers_rejected(setup: Setup, header_lines) -> None:
 
     assert status_line(response) == b"HTTP/1.1 431 Request Header Fields Too Large"
     assert b"send fewer or shorter header fields" in response
-    assert len(setup.backend.requests) == requests_before
+    assert echo_requests(setup.backend) == requests_before
 
 
 def test_large_headers_within_limit_forwarded(setup: Setup) -> None:
@@ -161,7 +166,7 @@ def test_trailers_not_forwarded(setup: Setup) -> None:
 
 
 def test_endless_trailers_rejected(setup: Setup) -> None:
-    requests_before = len(setup.backend.requests)
+    requests_before = echo_requests(setup.backend)
     with connect(setup.balancer) as connection:
         connection.sendall(
             b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
@@ -170,4 +175,51 @@ def test_endless_trailers_rejected(setup: Setup) -> None:
         response = read_until_closed(connection)
 
     assert status_line(response) == b"HTTP/1.1 431 Request Header Fields Too Large"
-    assert len(setup.backend.requests) == requests_before
+    assert echo_requests(setup.backend) == requests_before
+
+
+def test_stalled_body_rejected(setup: Setup) -> None:
+    requests_before = echo_requests(setup.backend)
+    with connect(setup.balancer) as connection:
+        connection.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        response = read_until_closed(connection)
+
+    assert status_line(response) == b"HTTP/1.1 408 Request Timeout"
+    assert b"send the whole body without pausing" in response
+    assert echo_requests(setup.backend) == requests_before
+    assert setup.balancer.records("http.body_timeout")
+
+
+def test_stalled_trailers_rejected(setup: Setup) -> None:
+    with connect(setup.balancer) as connection:
+        connection.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Trailer-Field: 1\r\n"
+        )
+        response = read_until_closed(connection)
+
+    assert status_line(response) == b"HTTP/1.1 408 Request Timeout"
+
+
+def test_pipelined_body_waits_for_earlier_response(setup: Setup) -> None:
+    """A body held back while an earlier request is handled is not a stalled body."""
+    backend = setup.backend
+    backend.release.clear()
+    held_before = held_requests(backend)
+    with connect(setup.balancer) as connection:
+        # The second request makes the balancer stop reading until the first has its
+        # response, so the third one's body stays unread in the meantime.
+        connection.sendall(
+            b"GET /hold HTTP/1.1\r\nHost: test\r\n\r\n"
+            b"GET /echo HTTP/1.1\r\nHost: test\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab"
+        )
+        wait_until(lambda: held_requests(backend) == held_before + 1, 10, "the first request to be held")
+        # The balancer does not read the rest of the body for three body timeouts.
+        time.sleep(3 * HEADER_TIMEOUT_SECONDS)
+        connection.sendall(b"cd")
+        backend.release.set()
+        response = read_until_closed(connection)
+
+    assert response.count(b"HTTP/1.1 200 OK") == 3
+    assert b"HTTP/1.1 408" not in response
