@@ -17,6 +17,7 @@ import pytest
 
 from tests.e2e.balancers import BalancerProcess
 from tests.e2e.processes import port_in_test_range, wait_until
+from tests.integration.deployment.canned_backends import CannedBackend
 from tests.integration.deployment.scripted_backends import ScriptedBackend
 from tests.integration.deployment.test_load_balancer import start_balancer, stop
 
@@ -223,3 +224,33 @@ def test_pipelined_body_waits_for_earlier_response(setup: Setup) -> None:
 
     assert response.count(b"HTTP/1.1 200 OK") == 3
     assert b"HTTP/1.1 408" not in response
+
+
+SWITCHING_PROTOCOLS = (
+    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nframes"
+)
+
+
+@pytest.fixture(scope="module")
+def canned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CannedBackend, BalancerProcess]]:
+    tmp_path: Path = tmp_path_factory.mktemp("canned")
+    backend = CannedBackend(port_in_test_range(), {"/switch": SWITCHING_PROTOCOLS}, frozenset({"/switch"}))
+    backend.start()
+    balancer = start_balancer(tmp_path, "canned", [backend.address])
+    try:
+        balancer.wait_admitted([backend.address])
+        yield backend, balancer
+    finally:
+        stop(balancer)
+        backend.stop()
+
+
+def test_unrequested_protocol_switch_rejected(canned: tuple[CannedBackend, BalancerProcess]) -> None:
+    backend, balancer = canned
+    with balancer.client() as client:
+        response = client.get("/switch", headers={"Upgrade": "websocket", "Connection": "upgrade"})
+
+    assert "/switch" in backend.paths
+    assert response.status_code == 502
+    assert balancer.records("lb.upstream_failed")
+    assert not [record for record in balancer.records() if record["level"] == "ERROR"]
