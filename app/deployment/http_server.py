@@ -306,6 +306,15 @@ class ClientConnection(asyncio.Protocol):
         if declared is not None and declared.isdigit() and int(declared) > self.server.max_body_bytes:
             self._reject(413, self.server.body_limit_detail)
             return
+        has_body = (declared is not None and declared.strip(b"0") != b"") or (
+            _find_header(self._headers, b"transfer-encoding") is not None
+        )
+        if self._parser.should_upgrade() and has_body:
+            # httptools treats everything after the head of a request asking to upgrade as
+            # the new protocol, so its body would be lost.
+            detail = "a request asking to upgrade cannot have a body here; send it without the Upgrade header"
+            self._reject(400, detail)
+            return
         expect = _find_header(self._headers, b"expect")
         if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")

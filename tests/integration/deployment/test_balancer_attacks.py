@@ -254,3 +254,26 @@ def test_unrequested_protocol_switch_rejected(canned: tuple[CannedBackend, Balan
     assert response.status_code == 502
     assert balancer.records("lb.upstream_failed")
     assert not [record for record in balancer.records() if record["level"] == "ERROR"]
+
+
+def test_upgrade_with_body_rejected(setup: Setup) -> None:
+    """httptools skips the body of a request asking to upgrade, so it must not be forwarded without it."""
+    requests_before = echo_requests(setup.backend)
+    with connect(setup.balancer) as connection:
+        connection.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        response = read_until_closed(connection)
+
+    assert status_line(response) == b"HTTP/1.1 400 Bad Request"
+    assert b"without the Upgrade header" in response
+    assert echo_requests(setup.backend) == requests_before
+
+
+def test_upgrade_without_body_forwarded(setup: Setup) -> None:
+    with setup.balancer.client() as client:
+        response = client.get("/echo", headers={"Connection": "Upgrade", "Upgrade": "h2c"})
+
+    assert response.status_code == 200
+    assert "upgrade" not in response.json()["headers"]
