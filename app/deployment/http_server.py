@@ -486,6 +486,10 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self.closed:
             return
+        if self._pipeline:
+            # Reading is paused until the requests before this one have responses.
+            self._arm_timer(self.server.header_timeout, self._headers_timed_out)
+            return
         logger.info(
             "closed a connection whose request headers did not arrive within %g s",
             self.server.header_timeout,

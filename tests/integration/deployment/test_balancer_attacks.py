@@ -277,3 +277,24 @@ def test_upgrade_without_body_forwarded(setup: Setup) -> None:
 
     assert response.status_code == 200
     assert "upgrade" not in response.json()["headers"]
+
+
+def test_pipelined_headers_wait_for_earlier_response(setup: Setup) -> None:
+    """Headers held back while an earlier request is handled are not slow headers."""
+    backend = setup.backend
+    backend.release.clear()
+    held_before = held_requests(backend)
+    with connect(setup.balancer) as connection:
+        # The second request makes the balancer stop reading until the first has its
+        # response, so the rest of the third one's headers stays unread in the meantime.
+        connection.sendall(
+            b"GET /hold HTTP/1.1\r\nHost: test\r\n\r\nGET /echo HTTP/1.1\r\nHost: test\r\n\r\nGET /ec"
+        )
+        wait_until(lambda: held_requests(backend) == held_before + 1, 10, "the first request to be held")
+        # The balancer does not read the rest of the headers for three header timeouts.
+        time.sleep(3 * HEADER_TIMEOUT_SECONDS)
+        connection.sendall(b"ho HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        backend.release.set()
+        response = read_until_closed(connection)
+
+    assert response.count(b"HTTP/1.1 200 OK") == 3
