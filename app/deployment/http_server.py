@@ -14,7 +14,12 @@ What it enforces before a request reaches the balancer:
 - request headers complete within ``header_timeout`` of the connection opening or of the
   first byte of a later request, so slow clients cannot hold connections open
   ("slowloris"); an idle keep-alive connection is closed after ``KEEPALIVE_SECONDS``;
+- a request body that stops arriving for ``header_timeout`` gets 408;
+- at most ``MAX_HEADER_BYTES`` of request line and headers, and as many of trailers: 431;
 - malformed requests get 400, and ``CONNECT`` gets 405.
+
+Trailer fields after a chunked body are read and dropped, because the body goes to the
+instance with a Content-Length and without them.
 
 Requests pipelined on one connection are answered in order.
 """
@@ -39,6 +44,9 @@ KEEPALIVE_SECONDS = 5.0
 # with unread bytes makes the kernel reset the connection, and the client may then never
 # see the response.
 LINGER_SECONDS = 2.0
+# httptools has no limit of its own: it keeps a header that is still arriving in memory,
+# so without this bound one connection could send gigabytes within the header timeout.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -122,6 +130,10 @@ class ClientConnection(asyncio.Protocol):
         self._lingering = False
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_for_headers = False
+        self._in_message = False
+        self._message_began = False  # during the current read
+        self._body_arrived = False  # during the current read
+        self._field_bytes = 0  # read since the last body bytes, while no body arrives
 
         # The request being parsed.
         self._target = b""
@@ -211,6 +223,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._ignore_input:
             return
+        self._message_began = False
+        self._body_arrived = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -220,6 +234,13 @@ class ClientConnection(asyncio.Protocol):
             self._ignore_input = True
         except httptools.HttpParserError as exc:
             self._reject_malformed(exc)
+        if not self._ignore_input:
+            self._count_field_bytes(len(data))
+        if self._in_message and not self._waiting_for_headers and not self._ignore_input:
+            # The body or its trailers are still to come: each read restarts their deadline.
+            # NOTE: a client that sends a byte now and then still keeps its connection
+            # until the body reaches max_body_bytes.
+            self._arm_timer(self.server.header_timeout, self._body_timed_out)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -237,10 +258,17 @@ class ClientConnection(asyncio.Protocol):
             self._drain_waiter.set_result(None)
         if self.on_close is not None:
             self.on_close()
+        if self._task is not None and not self._task.done():
+            # The client is gone, so stop waiting for a pooled connection or for the
+            # instance. The request then frees its connection slot at once instead of
+            # keeping it until the instance responds.
+            self._task.cancel()
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        self._in_message = True
+        self._message_began = True
         self._target = b""
         self._headers = []
         self._body = []
@@ -253,6 +281,10 @@ class ClientConnection(asyncio.Protocol):
         self._target += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._waiting_for_headers:
+            # A trailer field. Merged into the headers, it would reach the instance as a
+            # header that no proxy in front of this one inspected.
+            return
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -274,11 +306,21 @@ class ClientConnection(asyncio.Protocol):
         if declared is not None and declared.isdigit() and int(declared) > self.server.max_body_bytes:
             self._reject(413, self.server.body_limit_detail)
             return
+        has_body = (declared is not None and declared.strip(b"0") != b"") or (
+            _find_header(self._headers, b"transfer-encoding") is not None
+        )
+        if self._parser.should_upgrade() and has_body:
+            # httptools treats everything after the head of a request asking to upgrade as
+            # the new protocol, so its body would be lost.
+            detail = "a request asking to upgrade cannot have a body here; send it without the Upgrade header"
+            self._reject(400, detail)
+            return
         expect = _find_header(self._headers, b"expect")
         if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self._body_arrived = True
         if self._ignore_input:
             return
         self._body_size += len(body)
@@ -288,6 +330,8 @@ class ClientConnection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
+        self._cancel_timer()
         if self._ignore_input:
             return
         parser = self._parser
@@ -402,6 +446,24 @@ class ClientConnection(asyncio.Protocol):
         )
         self._enqueue(request)
 
+    def _count_field_bytes(self, size: int) -> None:
+        """Reject a request whose head or trailers grow past ``MAX_HEADER_BYTES``.
+
+        A read that starts a request or carries body bytes restarts the count, so the read
+        in which a request begins is not counted: that is at most one read buffer more.
+        """
+        if not self._in_message or self._message_began or self._body_arrived:
+            self._field_bytes = 0
+            return
+        self._field_bytes += size
+        if self._field_bytes > MAX_HEADER_BYTES:
+            self._cancel_timer()
+            detail = (
+                f"request headers or trailers larger than {MAX_HEADER_BYTES} bytes; "
+                "send fewer or shorter header fields"
+            )
+            self._reject(431, detail)
+
     def _reject_malformed(self, exc: Exception) -> None:
         self._ignore_input = True
         self._unread_body = True
@@ -424,12 +486,35 @@ class ClientConnection(asyncio.Protocol):
         self._timer = None
         if self.closed:
             return
+        if self._pipeline:
+            # Reading is paused until the requests before this one have responses.
+            self._arm_timer(self.server.header_timeout, self._headers_timed_out)
+            return
         logger.info(
             "closed a connection whose request headers did not arrive within %g s",
             self.server.header_timeout,
             extra={"action": "http.header_timeout", "client": self.client_host},
         )
         self._close()
+
+    def _body_timed_out(self) -> None:
+        self._timer = None
+        if self.closed or self._ignore_input:
+            return
+        if self._pipeline:
+            # Reading is paused until the requests before this one have responses.
+            self._arm_timer(self.server.header_timeout, self._body_timed_out)
+            return
+        logger.info(
+            "rejected a request whose body stopped arriving for %g s",
+            self.server.header_timeout,
+            extra={"action": "http.body_timeout", "client": self.client_host},
+        )
+        detail = (
+            f"no request body bytes arrived for {self.server.header_timeout:g} s; "
+            "send the whole body without pausing"
+        )
+        self._reject(408, detail)
 
     def _arm_timer(self, delay: float, callback: Callable[[], None]) -> None:
         self._cancel_timer()

@@ -196,6 +196,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The 101 response was already failed in on_headers_complete.
+            self.close()
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"invalid HTTP response: {exc}"))
             self.close()
@@ -230,7 +233,12 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self._parser
         assert response is not None and parser is not None
         status = parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            # The balancer drops Upgrade from every request, and the client connection
+            # cannot carry another protocol, so a switch is a broken response.
+            self._fail(UpstreamError("the instance switched protocols, which no forwarded request asks for"))
+            return
+        if 100 <= status < 200:
             # An interim response, such as 103 Early Hints: the final one follows.
             response.headers.clear()
             response.reason = b""
