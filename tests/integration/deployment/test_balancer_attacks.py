@@ -17,9 +17,9 @@ import pytest
 
 from tests.e2e.balancers import BalancerProcess
 from tests.e2e.processes import port_in_test_range, wait_until
+from tests.integration.deployment.balancer_processes import start_balancer, stop
 from tests.integration.deployment.canned_backends import CannedBackend
 from tests.integration.deployment.scripted_backends import ScriptedBackend
-from tests.integration.deployment.test_load_balancer import start_balancer, stop
 
 POOLED_CONNECTIONS = 2
 HEADER_TIMEOUT_SECONDS = 1.0

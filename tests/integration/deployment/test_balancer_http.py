@@ -19,7 +19,7 @@ import pytest
 from tests.e2e.balancers import BalancerProcess
 from tests.e2e.processes import port_in_test_range, wait_until
 from tests.integration.deployment.balancer_processes import MAX_BODY_BYTES, start_balancer, stop
-from tests.integration.deployment.raw_backend import CannedBackend
+from tests.integration.deployment.canned_backends import CannedBackend
 from tests.integration.deployment.scripted_backends import ScriptedBackend
 
 CANNED_RESPONSES = {
@@ -98,7 +98,7 @@ class Fronts:
 def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fronts]:
     tmp_path = tmp_path_factory.mktemp("balancer-http")
     backend = ScriptedBackend("only", port_in_test_range())
-    canned = CannedBackend(port_in_test_range(), CANNED_RESPONSES)
+    canned = CannedBackend(port_in_test_range(), CANNED_RESPONSES, closing=frozenset({"/until-close"}))
     backend.start()
     canned.start()
     balancer = start_balancer(tmp_path, "scripted", [backend.address])
