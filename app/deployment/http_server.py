@@ -12,16 +12,17 @@ What it enforces before a request reaches the balancer:
   gets 503 and the connection is closed;
 - a request body of at most ``max_body_bytes``, declared or sent chunked: 413;
 - request headers complete within ``header_timeout`` of the connection opening or of the
-  first byte of a later request, so slow clients cannot hold connections open
-  ("slowloris"); an idle keep-alive connection is closed after ``KEEPALIVE_SECONDS``;
+  first byte of a later request. Slow clients therefore cannot hold connections open
+  ("slowloris"). An idle keep-alive connection is closed after ``KEEPALIVE_SECONDS``;
 - a request body that stops arriving for ``header_timeout`` gets 408;
 - at most ``MAX_HEADER_BYTES`` of request line and headers, and as many of trailers: 431;
-- malformed requests get 400, and ``CONNECT`` gets 405.
+- malformed requests and invalid absolute targets get 400, as does a request that asks to
+  switch protocols and has a body; ``CONNECT`` gets 405.
 
 Trailer fields after a chunked body are read and dropped, because the body goes to the
 instance with a Content-Length and without them.
 
-Requests pipelined on one connection are answered in order.
+Requests pipelined on one connection get their responses in order.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class ClientConnection(asyncio.Protocol):
         self._pipeline: collections.deque[Request] = collections.deque()
         self._keep_alive = True
         self._http_11 = True
+        self._head_request = False
         self._response_started = False
         self._chunked = False
         self._write_paused = False
@@ -157,9 +159,12 @@ class ClientConnection(asyncio.Protocol):
     def respond(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, reason: bytes = b""
     ) -> None:
-        """Write a whole response. ``headers`` frame the body: Content-Length, or a status without one."""
+        """Write a whole response. ``headers`` frame the body: Content-Length, or a status without one.
+
+        The body is left out in a response to HEAD, whose headers still describe it.
+        """
         self._write_head(status, reason, headers)
-        if body and self.transport is not None and not self.closed:
+        if body and not self._head_request and self.transport is not None and not self.closed:
             self.transport.write(body)
         self._response_done()
 
@@ -339,7 +344,12 @@ class ClientConnection(asyncio.Protocol):
         path = target.partition(b"?")[0]
         if not target.startswith(b"/") and target != b"*":
             # Absolute form (http://host/path): forward only the path and query.
-            url = httptools.parse_url(target)
+            try:
+                url = httptools.parse_url(target)
+            except httptools.HttpParserInvalidURLError:
+                shown = target[:100].decode("latin-1")
+                self._reject(400, f"invalid request target {shown!r}; send a path such as /api/v1/projects")
+                return
             path = url.path or b"/"
             target = path + (b"?" + url.query if url.query else b"")
         request = Request(
@@ -368,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
         self._busy = True
         self._keep_alive = request.keep_alive and not self.server.closing
         self._http_11 = request.http_version == "1.1"
+        self._head_request = request.method == "HEAD"
         self._response_started = False
         self._chunked = False
         self._task = self.loop.create_task(self._handle(request))
@@ -465,18 +476,22 @@ class ClientConnection(asyncio.Protocol):
             self._reject(431, detail)
 
     def _reject_malformed(self, exc: Exception) -> None:
+        """Queue a 400 behind any requests already parsed, which still get their responses."""
         self._ignore_input = True
         self._unread_body = True
         self._cancel_timer()
-        if self._busy:
-            # Respond to the requests already parsed, then close.
-            self._keep_alive = False
-            return
-        self._busy = True
-        self._keep_alive = False
-        self._http_11 = True
-        self._response_started = False
-        self.respond_json(400, {"detail": f"malformed HTTP request: {exc}; send HTTP/1.1"})
+        request = Request(
+            method="GET",
+            target=b"",
+            path=b"",
+            http_version="1.1",
+            headers=[],
+            body=b"",
+            client_host=self.client_host,
+            keep_alive=False,
+            rejection=(400, f"malformed HTTP request: {exc}; send HTTP/1.1"),
+        )
+        self._enqueue(request)
 
     def _expect_headers(self) -> None:
         self._waiting_for_headers = True

@@ -221,6 +221,37 @@ def test_malformed_request_rejected(fronts: Fronts) -> None:
     assert closed
 
 
+def test_malformed_request_after_valid_one(fronts: Fronts) -> None:
+    request = b"GET /echo?n=1 HTTP/1.1\r\nHost: lb\r\n\r\nNOT HTTP AT ALL\r\n\r\n"
+
+    responses, closed = exchange(fronts.balancer.port, request, expected=2)
+
+    assert [response.status for response in responses] == [200, 400]
+    assert b'"query": "n=1"' in responses[0].body
+    assert closed
+
+
+def test_invalid_absolute_target_rejected(fronts: Fronts) -> None:
+    responses, closed = exchange(fronts.balancer.port, b"GET http:// HTTP/1.1\r\nHost: lb\r\n\r\n")
+
+    assert responses[0].status == 400
+    assert b"invalid request target 'http://'" in responses[0].body
+    assert closed
+
+
+def test_head_of_own_endpoint_has_no_body(fronts: Fronts) -> None:
+    with socket.create_connection(("127.0.0.1", fronts.balancer.port), timeout=10) as connection:
+        connection.sendall(b"HEAD /lb/backends HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        received = b""
+        while data := connection.recv(65536):
+            received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"content-length: " in head
+    assert body == b""
+
+
 def test_connect_method_rejected(fronts: Fronts) -> None:
     responses, closed = exchange(
         fronts.balancer.port, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"
