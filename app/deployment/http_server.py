@@ -163,9 +163,10 @@ class ClientConnection(asyncio.Protocol):
 
         The body is left out in a response to HEAD, whose headers still describe it.
         """
-        self._write_head(status, reason, headers)
-        if body and not self._head_request and self.transport is not None and not self.closed:
-            self.transport.write(body)
+        head = self._head(status, reason, headers)
+        if self.transport is not None and not self.closed:
+            # One write for head and body: each write is a system call on the event loop.
+            self.transport.write(head + body if body and not self._head_request else head)
         self._response_done()
 
     def respond_json(
@@ -189,7 +190,9 @@ class ClientConnection(asyncio.Protocol):
                 headers = [*headers, (b"transfer-encoding", b"chunked")]
             else:
                 self._keep_alive = False
-        self._write_head(status, reason, headers)
+        head = self._head(status, reason, headers)
+        if self.transport is not None and not self.closed:
+            self.transport.write(head)
 
     async def write(self, data: bytes) -> None:
         """Write part of a streamed body, waiting while the client is slow to read it."""
@@ -406,10 +409,9 @@ class ClientConnection(asyncio.Protocol):
                 # The handler returned or failed without finishing its response.
                 self._close()
 
-    def _write_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def _head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """Return the status line and headers of a response, ending with the blank line."""
         self._response_started = True
-        if self.transport is None or self.closed:
-            return
         if not reason:
             reason = _reason_phrase(status)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
@@ -420,7 +422,7 @@ class ClientConnection(asyncio.Protocol):
         elif not self._http_11:
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self.transport.write(b"".join(lines))
+        return b"".join(lines)
 
     def _response_done(self) -> None:
         self._busy = False

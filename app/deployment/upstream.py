@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable
 
 import httptools
@@ -335,14 +336,14 @@ class UpstreamPool:
 
     async def acquire(self) -> UpstreamConnection:
         """Return an idle connection, a new one, or the next one released."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed and now - connection.idle_since < self.keepalive_seconds:
                 return connection
             self._discard(connection)
 
+        loop = asyncio.get_running_loop()
         if self.open_connections >= self.max_connections:
             waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
             self._waiters.append(waiter)
@@ -388,7 +389,7 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_result(connection)
                 return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = time.monotonic()
         self._idle.append(connection)
 
     def close(self) -> None:
