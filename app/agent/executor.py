@@ -42,6 +42,7 @@ from app.llm.base import ChatMessage, Completion, CompletionRequest
 from app.llm.cache import ResponseCache
 from app.llm.pricing import cost_usd
 from app.llm.registry import ProviderRegistry
+from app.worker import driver_statements
 from app.worker.queue import DependencyOutput, FinishedTask, Lease, TaskContext, TaskQueue
 
 logger = logging.getLogger(__name__)
@@ -229,9 +230,13 @@ class TaskExecutor:
             artifact_batch.append(
                 artifact_row(lease.project_id, lease.task_id, f"{lease.key}.md", execution.output, now)
             )
-        await insert_rows(connection, messages, message_batch)
-        await insert_rows(connection, llm_calls, call_batch)
-        await insert_rows(connection, artifacts, artifact_batch)
+        if self.queue.use_driver_statements:
+            driver = await driver_statements.driver_connection(connection)
+            await driver_statements.insert_records(driver, message_batch, call_batch, artifact_batch, now)
+        else:
+            await insert_rows(connection, messages, message_batch)
+            await insert_rows(connection, llm_calls, call_batch)
+            await insert_rows(connection, artifacts, artifact_batch)
 
         for execution in executions:
             lease = execution.lease
