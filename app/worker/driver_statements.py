@@ -202,20 +202,26 @@ async def complete_and_release(
 
 
 async def claim(
-    driver: asyncpg.Connection,
+    connection: AsyncConnection,
+    driver: asyncpg.Connection | None,
     *,
     worker_id: str,
     limit: int,
     now: float,
     expires_at: float,
     started_at: datetime,
-) -> list[asyncpg.Record]:
+) -> Sequence[Mapping[str, Any]]:
     """Lease up to ``limit`` ready tasks and insert their attempts.
 
     Returns the tasks in id order. Each row also carries its project's status (as
-    ``project_status``), brief, team and knowledge base.
+    ``project_status``), brief, team and knowledge base. Without ``driver`` the statement
+    goes through SQLAlchemy, which begins the transaction: use that when the claim is the
+    transaction's first statement.
     """
-    return await driver.fetch(CLAIM, now, limit, worker_id, expires_at, started_at)
+    arguments = (now, limit, worker_id, expires_at, started_at)
+    if driver is None:
+        return (await connection.exec_driver_sql(CLAIM, arguments)).mappings().all()
+    return await driver.fetch(CLAIM, *arguments)
 
 
 async def read_outputs(driver: asyncpg.Connection, task_ids: Sequence[str]) -> list[asyncpg.Record]:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import asyncpg
 from sqlalchemy import Integer, Row, String, and_, bindparam, case, func, or_, select, union_all, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -226,6 +227,15 @@ class TaskQueue:
         Runs in the caller's transaction, so the leases exist only once it commits. To claim
         in the transaction that stores finished tasks, use ``complete_and_claim``.
         """
+        if self.use_driver_statements:
+            leases = await self._lease_by_driver(connection, None, worker_id, limit)
+            if leases:
+                events_by_project = await self._record_claims(
+                    connection, worker_id, leases, insert_attempts=False
+                )
+                driver = await driver_statements.driver_connection(connection)
+                await driver_statements.append_events(driver, events_by_project, utc_now())
+            return leases
         leases, events_by_project = await self._lease(connection, worker_id, limit)
         await append_events_many(connection, events_by_project)
         return leases
@@ -506,11 +516,15 @@ class TaskQueue:
         return [id(item) in held_ids for item in finished], leases
 
     async def _lease_by_driver(
-        self, connection: AsyncConnection, driver, worker_id: str, limit: int
+        self, connection: AsyncConnection, driver: asyncpg.Connection | None, worker_id: str, limit: int
     ) -> list[Lease]:
-        """Lease up to ``limit`` ready tasks and insert their attempts, as ``_lease`` does."""
+        """Lease up to ``limit`` ready tasks and insert their attempts, as ``_lease`` does.
+
+        Without ``driver``, the claim goes through SQLAlchemy and begins the transaction.
+        """
         now = time.time()
         rows = await driver_statements.claim(
+            connection,
             driver,
             worker_id=worker_id,
             limit=limit,
@@ -521,6 +535,7 @@ class TaskQueue:
         dependency_ids = sorted({dependency for row in rows for dependency in row["depends_on"] or ()})
         outputs: dict[str, DependencyOutput] = {}  # in plan order, the order prompts quote them in
         if dependency_ids:
+            driver = driver or await driver_statements.driver_connection(connection)
             for row in await driver_statements.read_outputs(driver, dependency_ids):
                 outputs[row["id"]] = DependencyOutput(row["key"], row["title"], row["role"], row["output"])
         leases = []
