@@ -5,7 +5,7 @@ PostgreSQL. The statements go to the asyncpg connection that the SQLAlchemy engi
 for the transaction, so they run in that transaction and with its settings (PgBouncer mode,
 statement timeout). A statement sent through SQLAlchemy costs about 5 times the CPU of the
 same statement sent through asyncpg (124 against 23 µs in ``bench/profile_worker.py``),
-and the data-modifying CTEs below turn the 13 statements of a batch into 5, or 6 when a
+and the data-modifying CTEs below turn the 13 statements of a batch into 4, or 5 when a
 claimed task has dependencies.
 
 Every write changes the same rows as the SQLAlchemy statements of ``app.worker.queue`` and
@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.db.records import NewEvent
+from app.db.records import NewEvent, TaskRecords
 from app.db.states import TaskStatus
 from app.errors import NotFoundError
 
@@ -103,11 +103,13 @@ READ_OUTPUTS = """
 SELECT id, key, title, role, output FROM tasks WHERE id = ANY($1::varchar[]) ORDER BY position
 """
 
-# Numbers the events of several projects and inserts them. The projects are locked in id
-# order first, the order every transaction that writes several project rows locks them in
-# (see ``append_events_many``), so two batches never wait for each other crosswise.
-# An UPDATE ... FROM locks rows in the order of its join, which need not be id order.
-APPEND_EVENTS = """
+# Numbers the events of several projects and inserts them with the messages, LLM calls and
+# artifacts of finished tasks. The projects are locked in id order first, the order every
+# transaction that writes several project rows locks them in (see ``append_events_many``),
+# so two batches never wait for each other crosswise. An UPDATE ... FROM locks rows in the
+# order of its join, which need not be id order. PostgreSQL runs every data-modifying CTE
+# once, whether or not the statement reads its output.
+STORE_EVENTS_AND_RECORDS = """
 WITH locked AS MATERIALIZED (
     SELECT id FROM projects WHERE id = ANY($1::varchar[]) ORDER BY id FOR UPDATE
 ), counts AS (
@@ -118,36 +120,35 @@ WITH locked AS MATERIALIZED (
     FROM counts, locked
     WHERE projects.id = counts.project_id AND locked.id = projects.id
     RETURNING projects.id, projects.event_seq - counts.added AS before
-)
-INSERT INTO events (project_id, seq, task_id, type, data, created_at)
-SELECT new.project_id, numbered.before + new.position, new.task_id, new.type, new.data, $8
-FROM unnest($3::varchar[], $4::integer[], $5::varchar[], $6::varchar[], $7::json[])
-    AS new(project_id, position, task_id, type, data)
-JOIN numbered ON numbered.id = new.project_id
-"""
-
-# The conversation messages, LLM calls and artifacts of finished tasks, in one statement.
-INSERT_RECORDS = """
-WITH new_messages AS (
+), new_events AS (
+    INSERT INTO events (project_id, seq, task_id, type, data, created_at)
+    SELECT new.project_id, numbered.before + new.position, new.task_id, new.type, new.data, $8
+    FROM unnest($3::varchar[], $4::integer[], $5::varchar[], $6::varchar[], $7::json[])
+        AS new(project_id, position, task_id, type, data)
+    JOIN numbered ON numbered.id = new.project_id
+    RETURNING 1
+), new_messages AS (
     INSERT INTO messages (project_id, task_id, agent_role, sender, content, created_at)
-    SELECT project_id, task_id, agent_role, sender, content, $24
-    FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::text[])
+    SELECT project_id, task_id, agent_role, sender, content, $8
+    FROM unnest($9::varchar[], $10::varchar[], $11::varchar[], $12::varchar[], $13::text[])
         AS m(project_id, task_id, agent_role, sender, content)
 ), new_calls AS (
     INSERT INTO llm_calls (project_id, task_id, attempt, agent_role, provider, model,
         prompt_tokens, completion_tokens, latency_ms, cost_usd, cache_hit, status, error, created_at)
     SELECT project_id, task_id, attempt, agent_role, provider, model, prompt_tokens,
-        completion_tokens, latency_ms, cost_usd, cache_hit, status, error, $24
-    FROM unnest($6::varchar[], $7::varchar[], $8::integer[], $9::varchar[], $10::varchar[],
-        $11::varchar[], $12::integer[], $13::integer[], $14::float8[], $15::float8[],
-        $16::boolean[], $17::varchar[], $18::text[])
+        completion_tokens, latency_ms, cost_usd, cache_hit, status, error, $8
+    FROM unnest($14::varchar[], $15::varchar[], $16::integer[], $17::varchar[], $18::varchar[],
+        $19::varchar[], $20::integer[], $21::integer[], $22::float8[], $23::float8[],
+        $24::boolean[], $25::varchar[], $26::text[])
         AS c(project_id, task_id, attempt, agent_role, provider, model, prompt_tokens,
             completion_tokens, latency_ms, cost_usd, cache_hit, status, error)
+), new_artifacts AS (
+    INSERT INTO artifacts (project_id, task_id, name, media_type, content, created_at)
+    SELECT project_id, task_id, name, media_type, content, $8
+    FROM unnest($27::varchar[], $28::varchar[], $29::varchar[], $30::varchar[], $31::text[])
+        AS a(project_id, task_id, name, media_type, content)
 )
-INSERT INTO artifacts (project_id, task_id, name, media_type, content, created_at)
-SELECT project_id, task_id, name, media_type, content, $24
-FROM unnest($19::varchar[], $20::varchar[], $21::varchar[], $22::varchar[], $23::text[])
-    AS a(project_id, task_id, name, media_type, content)
+SELECT count(*) FROM new_events
 """
 
 MESSAGE_COLUMNS = ("project_id", "task_id", "agent_role", "sender", "content")
@@ -229,43 +230,39 @@ async def read_outputs(driver: asyncpg.Connection, task_ids: Sequence[str]) -> l
     return await driver.fetch(READ_OUTPUTS, list(task_ids))
 
 
-async def append_events(
-    driver: asyncpg.Connection, events_by_project: Mapping[str, Sequence[NewEvent]], created_at: datetime
+async def store_events_and_records(
+    driver: asyncpg.Connection,
+    events_by_project: Mapping[str, Sequence[NewEvent]],
+    records: Sequence[TaskRecords],
+    created_at: datetime,
 ) -> None:
-    """Store events with consecutive per-project sequence numbers, as ``append_events_many`` does."""
+    """Store events with consecutive per-project sequence numbers, as ``append_events_many``
+    does, and insert the rows of ``records``, all with ``created_at``."""
     project_ids = sorted(project_id for project_id, items in events_by_project.items() if items)
-    if not project_ids:
+    if not project_ids and not records:
         return
     counts = [len(events_by_project[project_id]) for project_id in project_ids]
-    columns: tuple[list[Any], ...] = ([], [], [], [], [])
+    event_columns: tuple[list[Any], ...] = ([], [], [], [], [])
     for project_id in project_ids:
         for position, event in enumerate(events_by_project[project_id], start=1):
-            for column, value in zip(
-                columns,
-                (project_id, position, event.task_id, event.type, json.dumps(event.data)),
-                strict=True,
-            ):
+            values = (project_id, position, event.task_id, event.type, json.dumps(event.data))
+            for column, value in zip(event_columns, values, strict=True):
                 column.append(value)
-    status = await driver.execute(APPEND_EVENTS, project_ids, counts, *columns, created_at)
-    inserted = int(status.rsplit(" ", 1)[-1])
+    messages = [row for item in records for row in item.messages]
+    calls = [row for item in records for row in item.llm_calls]
+    artifacts = [row for item in records for row in item.artifacts]
+    inserted = await driver.fetchval(
+        STORE_EVENTS_AND_RECORDS,
+        project_ids,
+        counts,
+        *event_columns,
+        created_at,
+        *([row[key] for row in messages] for key in MESSAGE_COLUMNS),
+        *([row[key] for row in calls] for key in CALL_COLUMNS),
+        *([row[key] for row in artifacts] for key in ARTIFACT_COLUMNS),
+    )
     if inserted != sum(counts):
         raise NotFoundError(
             f"a project of {project_ids!r} was not found while storing its events; "
             f"{inserted} of {sum(counts)} events were stored"
         )
-
-
-async def insert_records(
-    driver: asyncpg.Connection,
-    message_rows: Sequence[Mapping[str, Any]],
-    call_rows: Sequence[Mapping[str, Any]],
-    artifact_rows: Sequence[Mapping[str, Any]],
-    created_at: datetime,
-) -> None:
-    """Insert the rows built by ``message_rows``, ``llm_call_rows`` and ``artifact_row`` of
-    app.db.records, all with ``created_at``."""
-    arguments = [[row[key] for row in message_rows] for key in MESSAGE_COLUMNS]
-    arguments += [[row[key] for row in call_rows] for key in CALL_COLUMNS]
-    arguments += [[row[key] for row in artifact_rows] for key in ARTIFACT_COLUMNS]
-    arguments.append(created_at)
-    await driver.execute(INSERT_RECORDS, *arguments)

@@ -24,8 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.core.config import WorkerSettings
 from app.db.engine import Database
 from app.db.locking import lock_tasks_in_id_order
-from app.db.models import projects, task_attempts, task_dependencies, tasks
-from app.db.records import NewEvent, append_events, append_events_many, insert_rows, utc_now
+from app.db.models import artifacts, llm_calls, messages, projects, task_attempts, task_dependencies, tasks
+from app.db.records import NewEvent, TaskRecords, append_events, append_events_many, insert_rows, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
 from app.worker import driver_statements
 
@@ -192,11 +192,12 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class FinishedTask:
-    """A successful attempt to store: the task's output and the events that go with it."""
+    """A successful attempt to store: the task's output and the events and rows that go with it."""
 
     lease: Lease
     output: str
     events: Sequence[NewEvent] = ()
+    records: TaskRecords = TaskRecords()
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +235,7 @@ class TaskQueue:
                     connection, worker_id, leases, insert_attempts=False
                 )
                 driver = await driver_statements.driver_connection(connection)
-                await driver_statements.append_events(driver, events_by_project, utc_now())
+                await driver_statements.store_events_and_records(driver, events_by_project, (), utc_now())
             return leases
         leases, events_by_project = await self._lease(connection, worker_id, limit)
         await append_events_many(connection, events_by_project)
@@ -429,7 +430,7 @@ class TaskQueue:
         """Store the outputs of several tasks and release the tasks that waited for them.
 
         The statements are the same for one task or a hundred. Each task's ``events`` are
-        stored after its ``task.completed`` event. Returns, per task, whether it was stored:
+        stored after its ``task.completed`` event, and its ``records`` are inserted. Returns, per task, whether it was stored:
         False, with nothing changed for that task, when its lease is no longer held because
         the task was cancelled or its lease expired and another worker took it over.
         """
@@ -477,6 +478,12 @@ class TaskQueue:
             for project_id, new_events in claim_events.items():
                 events_by_project.setdefault(project_id, []).extend(new_events)
         await append_events_many(connection, events_by_project)
+        for table, rows in (
+            (messages, [row for item in held for row in item.records.messages]),
+            (llm_calls, [row for item in held for row in item.records.llm_calls]),
+            (artifacts, [row for item in held for row in item.records.artifacts]),
+        ):
+            await insert_rows(connection, table, rows)
         held_ids = {id(item) for item in held}
         return [id(item) in held_ids for item in finished], leases
 
@@ -511,7 +518,9 @@ class TaskQueue:
             claim_events = await self._record_claims(connection, worker_id, leases, insert_attempts=False)
             for project_id, new_events in claim_events.items():
                 events_by_project.setdefault(project_id, []).extend(new_events)
-        await driver_statements.append_events(driver, events_by_project, now)
+        await driver_statements.store_events_and_records(
+            driver, events_by_project, [item.records for item in held], now
+        )
         held_ids = {id(item) for item in held}
         return [id(item) in held_ids for item in finished], leases
 
