@@ -1,11 +1,11 @@
 """The statements of a worker's store-and-claim transaction on PostgreSQL, sent through asyncpg.
 
-``TaskQueue.complete_and_claim`` and ``TaskExecutor.store_and_claim`` run here on
-PostgreSQL. The statements go to the asyncpg connection that the SQLAlchemy engine pooled
-for the transaction, so they run in that transaction and with its settings (PgBouncer mode,
-statement timeout). A statement sent through SQLAlchemy costs about 5 times the CPU of the
-same statement sent through asyncpg (124 against 23 µs in ``bench/profile_worker.py``),
-and the data-modifying CTEs below turn the 13 statements of a batch into 4, or 5 when a
+``TaskQueue.complete_and_claim`` and ``TaskQueue.claim_in`` send these on PostgreSQL. The
+statements go to the asyncpg connection that the SQLAlchemy engine pooled for the
+transaction, so they run in that transaction and with its settings (PgBouncer mode,
+statement timeout). A statement sent through SQLAlchemy cost about 5 times the CPU of the
+same statement sent through asyncpg alone (124 against 23 µs in ``bench/profile_worker.py``).
+The data-modifying CTEs below also turn the 13 statements of a batch into 4, or 5 when a
 claimed task has dependencies.
 
 Every write changes the same rows as the SQLAlchemy statements of ``app.worker.queue`` and
