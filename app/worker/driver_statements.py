@@ -17,11 +17,13 @@ text, and its plan, is the same for any number of tasks.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.records import NewEvent, TaskRecords
@@ -170,6 +172,29 @@ CALL_COLUMNS = (
 ARTIFACT_COLUMNS = ("project_id", "task_id", "name", "media_type", "content")
 
 
+# The SQLAlchemy exception that SQLAlchemy 2.1's asyncpg dialect raises for each asyncpg
+# error, most specific first, so that callers catch the same exceptions on both paths.
+_SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[exc.DBAPIError]], ...] = (
+    (asyncpg.IntegrityConstraintViolationError, exc.IntegrityError),
+    (asyncpg.SyntaxOrAccessError, exc.ProgrammingError),
+    (asyncpg.InternalServerError, exc.InternalError),
+    (asyncpg.InterfaceError, exc.InterfaceError),
+    (asyncpg.PostgresError, exc.DBAPIError),
+)
+
+
+@contextmanager
+def _sqlalchemy_errors(statement: str, arguments: Sequence[Any]) -> Iterator[None]:
+    """Raise an asyncpg error of ``statement`` as the SQLAlchemy exception it would be through the engine."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        for asyncpg_error, sqlalchemy_error in _SQLALCHEMY_ERRORS:
+            if isinstance(error, asyncpg_error):
+                raise sqlalchemy_error(statement, arguments, error) from error
+        raise
+
+
 async def driver_connection(connection: AsyncConnection) -> asyncpg.Connection:
     """Return the asyncpg connection under ``connection``, which must be in a transaction.
 
@@ -198,7 +223,9 @@ async def complete_and_release(
     Returns (id, project id) of the dependents that became ready.
     """
     ids, tokens, outputs = (list(column) for column in zip(*finished, strict=True))
-    rows = await driver.fetch(COMPLETE_AND_RELEASE, ids, tokens, outputs, finished_at, ready_at)
+    arguments = (ids, tokens, outputs, finished_at, ready_at)
+    with _sqlalchemy_errors(COMPLETE_AND_RELEASE, arguments):
+        rows = await driver.fetch(COMPLETE_AND_RELEASE, *arguments)
     return [(row["id"], row["project_id"]) for row in rows if row["status"] == TaskStatus.READY]
 
 
@@ -222,12 +249,14 @@ async def claim(
     arguments = (now, limit, worker_id, expires_at, started_at)
     if driver is None:
         return (await connection.exec_driver_sql(CLAIM, arguments)).mappings().all()
-    return await driver.fetch(CLAIM, *arguments)
+    with _sqlalchemy_errors(CLAIM, arguments):
+        return await driver.fetch(CLAIM, *arguments)
 
 
 async def read_outputs(driver: asyncpg.Connection, task_ids: Sequence[str]) -> list[asyncpg.Record]:
     """Read (id, key, title, role, output) of ``task_ids`` in plan order."""
-    return await driver.fetch(READ_OUTPUTS, list(task_ids))
+    with _sqlalchemy_errors(READ_OUTPUTS, [task_ids]):
+        return await driver.fetch(READ_OUTPUTS, list(task_ids))
 
 
 async def store_events_and_records(
@@ -251,8 +280,7 @@ async def store_events_and_records(
     messages = [row for item in records for row in item.messages]
     calls = [row for item in records for row in item.llm_calls]
     artifacts = [row for item in records for row in item.artifacts]
-    inserted = await driver.fetchval(
-        STORE_EVENTS_AND_RECORDS,
+    arguments = (
         project_ids,
         counts,
         *event_columns,
@@ -261,6 +289,8 @@ async def store_events_and_records(
         *([row[key] for row in calls] for key in CALL_COLUMNS),
         *([row[key] for row in artifacts] for key in ARTIFACT_COLUMNS),
     )
+    with _sqlalchemy_errors(STORE_EVENTS_AND_RECORDS, arguments):
+        inserted = await driver.fetchval(STORE_EVENTS_AND_RECORDS, *arguments)
     if inserted != sum(counts):
         raise NotFoundError(
             f"a project of {project_ids!r} was not found while storing its events; "
