@@ -3,8 +3,9 @@
 ``TaskQueue.complete_and_claim`` and ``TaskQueue.claim_in`` send these on PostgreSQL. The
 statements go to the asyncpg connection that the SQLAlchemy engine pooled for the
 transaction, so they run in that transaction and with its settings (PgBouncer mode,
-statement timeout). A statement sent through SQLAlchemy cost about 5 times the CPU of the
-same statement sent through asyncpg alone (124 against 23 µs in ``bench/profile_worker.py``).
+statement timeout). A statement sent through SQLAlchemy cost 3 to 5 times the CPU of the
+same statement sent through asyncpg alone: 124 against 23 µs and 172 against 51 µs in two
+runs of ``bench/profile_worker.py``.
 The data-modifying CTEs below also turn the 13 statements of a batch into 4, or 5 when a
 claimed task has dependencies.
 
