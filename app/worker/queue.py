@@ -430,9 +430,10 @@ class TaskQueue:
         """Store the outputs of several tasks and release the tasks that waited for them.
 
         The statements are the same for one task or a hundred. Each task's ``events`` are
-        stored after its ``task.completed`` event, and its ``records`` are inserted. Returns, per task, whether it was stored:
-        False, with nothing changed for that task, when its lease is no longer held because
-        the task was cancelled or its lease expired and another worker took it over.
+        stored after its ``task.completed`` event, and its ``records`` are inserted. Returns,
+        per task, whether it was stored: False, with nothing changed for that task, when its
+        lease is no longer held because the task was cancelled or its lease expired and
+        another worker took it over.
         """
         stored, _ = await self.complete_and_claim(connection, finished, "", 0)
         return stored
@@ -491,9 +492,9 @@ class TaskQueue:
         self, connection: AsyncConnection, finished: Sequence[FinishedTask], worker_id: str, limit: int
     ) -> tuple[list[bool], list[Lease]]:
         """Run ``complete_and_claim`` on PostgreSQL in 4 or 5 statements; see app.worker.driver_statements."""
-        finished_ids = sorted({item.lease.task_id for item in finished})
+        finished_ids = {item.lease.task_id for item in finished}
         # Sent through SQLAlchemy, this statement also begins the transaction.
-        locked = await connection.execute(LOCK_FINISHED_AND_DEPENDENTS, {"task_ids": finished_ids})
+        locked = await connection.execute(LOCK_FINISHED_AND_DEPENDENTS, {"task_ids": sorted(finished_ids)})
         tokens = {
             task_id: token
             for task_id, token, status in locked
