@@ -40,6 +40,7 @@ from app.agent.executor import Execution
 from app.core.logging import configure_logging
 from app.db.models import projects
 from app.runtime import Runtime
+from app.worker import driver_statements
 from app.worker.runner import Worker
 from bench import product_runs
 from bench.databases import temporary_postgres_database, temporary_sqlite_url
@@ -52,8 +53,21 @@ MAIN_STATEMENT_AFTER_WITH = re.compile(r"\)\s*(SELECT|INSERT INTO|UPDATE|DELETE 
 SEQUENTIAL_STEPS = ("claim", "execute", "store")
 
 
+# The statements of app.worker.driver_statements, by the name of their constant there.
+DRIVER_STATEMENT_NAMES = {
+    value: f"driver {name}"
+    for name, value in vars(driver_statements).items()
+    if name.isupper() and isinstance(value, str) and value.lstrip().startswith(("WITH", "SELECT"))
+}
+
+
 def statement_key(statement: str) -> str:
-    """Return the kind and main table of a statement, for example ``UPDATE tasks``."""
+    """Return the kind and main table of a statement, for example ``UPDATE tasks``.
+
+    A statement of app.worker.driver_statements is named by its constant there.
+    """
+    if statement in DRIVER_STATEMENT_NAMES:
+        return DRIVER_STATEMENT_NAMES[statement]
     if statement.lstrip().upper().startswith("WITH"):
         main = MAIN_STATEMENT_AFTER_WITH.search(statement)
         return f"WITH ... {main.group(1).upper()} {main.group(2)}" if main else "WITH"
@@ -89,6 +103,38 @@ class StatementLog:
         def count_checkout(_dbapi_connection, _record, _proxy) -> None:
             self.checkouts[self.step] += 1
 
+    def attach_driver_statements(self) -> None:
+        """Count the statements that app.worker.driver_statements sends to asyncpg directly.
+
+        They bypass SQLAlchemy, so its events never see them.
+        """
+        original = driver_statements.driver_connection
+        log = self
+
+        class CountingDriver:
+            def __init__(self, driver: Any) -> None:
+                self._driver = driver
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._driver, name)
+
+            async def fetch(self, query: str, *arguments: Any) -> Any:
+                log.statements[(log.step, statement_key(query))] += 1
+                return await self._driver.fetch(query, *arguments)
+
+            async def fetchval(self, query: str, *arguments: Any) -> Any:
+                log.statements[(log.step, statement_key(query))] += 1
+                return await self._driver.fetchval(query, *arguments)
+
+            async def execute(self, query: str, *arguments: Any) -> Any:
+                log.statements[(log.step, statement_key(query))] += 1
+                return await self._driver.execute(query, *arguments)
+
+        async def counting_connection(connection: Any) -> CountingDriver:
+            return CountingDriver(await original(connection))
+
+        driver_statements.driver_connection = counting_connection
+
     def statements_of(self, step: str) -> int:
         return sum(count for (counted_step, _), count in self.statements.items() if counted_step == step)
 
@@ -111,6 +157,7 @@ async def profile(
         log = StatementLog()
         for engine in {runtime.database.write_engine, runtime.database.read_engine}:
             log.attach(engine.sync_engine)
+        log.attach_driver_statements()
         await _profile_steps(runtime, log, sequential_count)
         log.statements.clear()
         log.transactions.clear()

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,13 +24,12 @@ from app.agent.team import PROJECT_MANAGER, RoleSpec, load_team
 from app.core.config import Settings
 from app.db import projects as project_store
 from app.db.engine import Database
-from app.db.models import artifacts, llm_calls, messages
 from app.db.records import (
     LLMCallRecord,
     NewEvent,
+    TaskRecords,
     add_task_sources,
     artifact_row,
-    insert_rows,
     llm_call_rows,
     message_rows,
     utc_now,
@@ -196,6 +196,7 @@ class TaskExecutor:
 
         Returns what ``store_many`` returns and the new leases; see ``TaskQueue.complete_and_claim``.
         """
+        now = utc_now()
         finished = [
             FinishedTask(
                 execution.lease,
@@ -207,32 +208,18 @@ class TaskExecutor:
                         execution.lease.task_id,
                     )
                 ],
+                _records(execution, now),
             )
             for execution in executions
         ]
         stored, leases = await self.queue.complete_and_claim(connection, finished, worker_id, limit)
         kept = [execution for execution, was_stored in zip(executions, stored, strict=True) if was_stored]
         if kept:
-            await self._store_records(connection, kept)
+            await self._store_consequences(connection, kept)
         return stored, leases
 
-    async def _store_records(self, connection: AsyncConnection, executions: Sequence[Execution]) -> None:
-        now = utc_now()
-        message_batch: list[dict] = []
-        call_batch: list[dict] = []
-        artifact_batch: list[dict] = []
-        for execution in executions:
-            lease = execution.lease
-            conversation = [(message.role, message.content) for message in execution.conversation]
-            message_batch += message_rows(lease.project_id, lease.task_id, execution.role, conversation, now)
-            call_batch += llm_call_rows(lease.project_id, lease.task_id, lease.attempt, execution.calls, now)
-            artifact_batch.append(
-                artifact_row(lease.project_id, lease.task_id, f"{lease.key}.md", execution.output, now)
-            )
-        await insert_rows(connection, messages, message_batch)
-        await insert_rows(connection, llm_calls, call_batch)
-        await insert_rows(connection, artifacts, artifact_batch)
-
+    async def _store_consequences(self, connection: AsyncConnection, executions: Sequence[Execution]) -> None:
+        """Store what a stored attempt changes besides its own rows: sources, a plan's tasks, a report."""
         for execution in executions:
             lease = execution.lease
             if execution.sources or lease.attempt > 1:
@@ -316,6 +303,17 @@ class TaskExecutor:
         )
         execution.calls.append(_record(role, completion, cache_hit=False, cost=cost))
         return completion
+
+
+def _records(execution: Execution, now: datetime) -> TaskRecords:
+    """Build the conversation messages, LLM call records and artifact of a finished attempt."""
+    lease = execution.lease
+    conversation = [(message.role, message.content) for message in execution.conversation]
+    return TaskRecords(
+        message_rows(lease.project_id, lease.task_id, execution.role, conversation, now),
+        llm_call_rows(lease.project_id, lease.task_id, lease.attempt, execution.calls, now),
+        [artifact_row(lease.project_id, lease.task_id, f"{lease.key}.md", execution.output, now)],
+    )
 
 
 def _record(role: RoleSpec, completion: Completion, *, cache_hit: bool, cost: float) -> LLMCallRecord:

@@ -41,6 +41,15 @@ class LLMCallRecord:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TaskRecords:
+    """The rows of ``messages``, ``llm_calls`` and ``artifacts`` that a finished task adds."""
+
+    messages: Sequence[dict[str, Any]] = ()
+    llm_calls: Sequence[dict[str, Any]] = ()
+    artifacts: Sequence[dict[str, Any]] = ()
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

@@ -16,15 +16,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, Row, and_, bindparam, case, func, or_, select, update
+import asyncpg
+from sqlalchemy import Integer, Row, String, and_, bindparam, case, func, or_, select, union_all, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.core.config import WorkerSettings
 from app.db.engine import Database
 from app.db.locking import lock_tasks_in_id_order
-from app.db.models import projects, task_attempts, task_dependencies, tasks
-from app.db.records import NewEvent, append_events, append_events_many, insert_rows, utc_now
+from app.db.models import artifacts, llm_calls, messages, projects, task_attempts, task_dependencies, tasks
+from app.db.records import NewEvent, TaskRecords, append_events, append_events_many, insert_rows, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
+from app.worker import driver_statements
 
 # The statements of the hot path are built once: SQLAlchemy then only looks up their
 # compiled form, which costs about half as much CPU as building a statement per call.
@@ -77,6 +80,24 @@ READ_OUTPUTS = (
 LOCK_RUNNING_TASKS = (
     select(tasks.c.id, tasks.c.lease_token)
     .where(tasks.c.id.in_(bindparam("task_ids", expanding=True)), tasks.c.status == TaskStatus.RUNNING)
+    .order_by(tasks.c.id)
+    .with_for_update()
+)
+# On PostgreSQL, with the driver statements: locks the finished tasks and their dependents
+# in id order, as ``lock_tasks_in_id_order`` does, and reads the finished tasks' tokens in
+# the same statement. The ids are collected into one array first: with ``id IN (...) OR
+# id IN (subquery)`` PostgreSQL scanned every task, and with ``id = ANY(ARRAY(...))`` it
+# looks the rows up in the primary key (0.5 against 1.1 to 1.4 ms for 16 tasks among 3,600,
+# by EXPLAIN ANALYZE on a freshly seeded table).
+_FINISHED_AND_DEPENDENT_IDS = union_all(
+    select(func.unnest(bindparam("task_ids", type_=ARRAY(String)))),
+    select(task_dependencies.c.task_id).where(
+        task_dependencies.c.depends_on_id == func.any(bindparam("task_ids", type_=ARRAY(String)))
+    ),
+)
+LOCK_FINISHED_AND_DEPENDENTS = (
+    select(tasks.c.id, tasks.c.lease_token, tasks.c.status)
+    .where(tasks.c.id == func.any(func.array(_FINISHED_AND_DEPENDENT_IDS.scalar_subquery())))
     .order_by(tasks.c.id)
     .with_for_update()
 )
@@ -171,11 +192,12 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class FinishedTask:
-    """A successful attempt to store: the task's output and the events that go with it."""
+    """A successful attempt to store: the task's output and the events and rows that go with it."""
 
     lease: Lease
     output: str
     events: Sequence[NewEvent] = ()
+    records: TaskRecords = TaskRecords()
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +213,9 @@ class TaskQueue:
     def __init__(self, database: Database, settings: WorkerSettings) -> None:
         self.database = database
         self.settings = settings
+        # On PostgreSQL a batch is stored and refilled by the asyncpg statements of
+        # app.worker.driver_statements; False sends them through SQLAlchemy, as on SQLite.
+        self.use_driver_statements = database.dialect == "postgresql"
 
     async def claim(self, worker_id: str, limit: int) -> list[Lease]:
         """Lease up to ``limit`` ready tasks in a transaction of their own; see ``claim_in``."""
@@ -203,6 +228,15 @@ class TaskQueue:
         Runs in the caller's transaction, so the leases exist only once it commits. To claim
         in the transaction that stores finished tasks, use ``complete_and_claim``.
         """
+        if self.use_driver_statements:
+            leases = await self._lease_by_driver(connection, None, worker_id, limit)
+            if leases:
+                events_by_project = await self._record_claims(
+                    connection, worker_id, leases, insert_attempts=False
+                )
+                driver = await driver_statements.driver_connection(connection)
+                await driver_statements.store_events_and_records(driver, events_by_project, (), utc_now())
+            return leases
         leases, events_by_project = await self._lease(connection, worker_id, limit)
         await append_events_many(connection, events_by_project)
         return leases
@@ -226,6 +260,7 @@ class TaskQueue:
         ).all()
         if not rows:
             return [], {}
+        rows.sort(key=lambda row: row.id)  # the order of the driver statements' claim
         contexts = await _read_contexts(connection, rows)
         leases = [
             Lease(
@@ -395,9 +430,10 @@ class TaskQueue:
         """Store the outputs of several tasks and release the tasks that waited for them.
 
         The statements are the same for one task or a hundred. Each task's ``events`` are
-        stored after its ``task.completed`` event. Returns, per task, whether it was stored:
-        False, with nothing changed for that task, when its lease is no longer held because
-        the task was cancelled or its lease expired and another worker took it over.
+        stored after its ``task.completed`` event, and its ``records`` are inserted. Returns,
+        per task, whether it was stored: False, with nothing changed for that task, when its
+        lease is no longer held because the task was cancelled or its lease expired and
+        another worker took it over.
         """
         stored, _ = await self.complete_and_claim(connection, finished, "", 0)
         return stored
@@ -414,6 +450,8 @@ class TaskQueue:
         """
         if not finished and limit <= 0:
             return [], []
+        if finished and self.use_driver_statements:
+            return await self._complete_and_claim_by_driver(connection, finished, worker_id, limit)
         # Locking the rows first, in id order, makes the check and the writes below one
         # atomic step: a sweep or cancel that runs meanwhile waits for this transaction.
         # The dependents released below are locked in the same pass, so that a cancel or
@@ -441,8 +479,101 @@ class TaskQueue:
             for project_id, new_events in claim_events.items():
                 events_by_project.setdefault(project_id, []).extend(new_events)
         await append_events_many(connection, events_by_project)
+        for table, rows in (
+            (messages, [row for item in held for row in item.records.messages]),
+            (llm_calls, [row for item in held for row in item.records.llm_calls]),
+            (artifacts, [row for item in held for row in item.records.artifacts]),
+        ):
+            await insert_rows(connection, table, rows)
         held_ids = {id(item) for item in held}
         return [id(item) in held_ids for item in finished], leases
+
+    async def _complete_and_claim_by_driver(
+        self, connection: AsyncConnection, finished: Sequence[FinishedTask], worker_id: str, limit: int
+    ) -> tuple[list[bool], list[Lease]]:
+        """Run ``complete_and_claim`` on PostgreSQL in 4 or 5 statements; see app.worker.driver_statements."""
+        finished_ids = {item.lease.task_id for item in finished}
+        # Sent through SQLAlchemy, this statement also begins the transaction.
+        locked = await connection.execute(LOCK_FINISHED_AND_DEPENDENTS, {"task_ids": sorted(finished_ids)})
+        tokens = {
+            task_id: token
+            for task_id, token, status in locked
+            if status == TaskStatus.RUNNING and task_id in finished_ids
+        }
+        held = [item for item in finished if tokens.get(item.lease.task_id) == item.lease.token]
+        driver = await driver_statements.driver_connection(connection)
+        now = utc_now()
+
+        events_by_project: dict[str, list[NewEvent]] = {}
+        if held:
+            released = await driver_statements.complete_and_release(
+                driver,
+                [(item.lease.task_id, item.lease.token, item.output) for item in held],
+                now,
+                time.time(),
+            )
+            events_by_project = _completion_events(held, released)
+        leases: list[Lease] = []
+        if limit > 0:
+            leases = await self._lease_by_driver(connection, driver, worker_id, limit)
+            claim_events = await self._record_claims(connection, worker_id, leases, insert_attempts=False)
+            for project_id, new_events in claim_events.items():
+                events_by_project.setdefault(project_id, []).extend(new_events)
+        await driver_statements.store_events_and_records(
+            driver, events_by_project, [item.records for item in held], now
+        )
+        held_ids = {id(item) for item in held}
+        return [id(item) in held_ids for item in finished], leases
+
+    async def _lease_by_driver(
+        self, connection: AsyncConnection, driver: asyncpg.Connection | None, worker_id: str, limit: int
+    ) -> list[Lease]:
+        """Lease up to ``limit`` ready tasks and insert their attempts, as ``_lease`` does.
+
+        Without ``driver``, the claim goes through SQLAlchemy and begins the transaction.
+        """
+        now = time.time()
+        rows = await driver_statements.claim(
+            connection,
+            driver,
+            worker_id=worker_id,
+            limit=limit,
+            now=now,
+            expires_at=now + self.settings.lease_seconds,
+            started_at=utc_now(),
+        )
+        dependency_ids = sorted({dependency for row in rows for dependency in row["depends_on"] or ()})
+        outputs: dict[str, DependencyOutput] = {}  # in plan order, the order prompts quote them in
+        if dependency_ids:
+            driver = driver or await driver_statements.driver_connection(connection)
+            for row in await driver_statements.read_outputs(driver, dependency_ids):
+                outputs[row["id"]] = DependencyOutput(row["key"], row["title"], row["role"], row["output"])
+        leases = []
+        for row in rows:
+            wanted = set(row["depends_on"] or ())
+            context = TaskContext(
+                row["project_status"],
+                row["brief"],
+                row["team"],
+                row["knowledge_base"],
+                tuple(output for task_id, output in outputs.items() if task_id in wanted),
+            )
+            leases.append(
+                Lease(
+                    row["id"],
+                    row["project_id"],
+                    row["kind"],
+                    row["key"],
+                    row["title"],
+                    row["description"],
+                    row["role"],
+                    row["attempts"],
+                    row["max_attempts"],
+                    row["lease_token"],
+                    context,
+                )
+            )
+        return leases
 
     async def _store_completions(
         self, connection: AsyncConnection, held: Sequence[FinishedTask]
@@ -475,19 +606,7 @@ class TaskQueue:
             ],
         )
         released = await release_dependents_many(connection, [item.lease.task_id for item in held])
-
-        events_by_project: dict[str, list[NewEvent]] = {}
-        for item in held:
-            lease = item.lease
-            events_by_project.setdefault(lease.project_id, []).extend(
-                [
-                    NewEvent("task.completed", {"key": lease.key, "role": lease.role}, lease.task_id),
-                    *item.events,
-                ]
-            )
-        for task_id, project_id in released:
-            events_by_project.setdefault(project_id, []).append(NewEvent("task.ready", {}, task_id))
-        return events_by_project
+        return _completion_events(held, released)
 
     async def fail(
         self, connection: AsyncConnection, task_id: str, project_id: str, token: int, reason: str
@@ -545,25 +664,31 @@ class TaskQueue:
         return bool(result.rowcount)
 
     async def _record_claims(
-        self, connection: AsyncConnection, worker_id: str, leases: list[Lease]
+        self,
+        connection: AsyncConnection,
+        worker_id: str,
+        leases: list[Lease],
+        *,
+        insert_attempts: bool = True,
     ) -> dict[str, list[NewEvent]]:
-        """Insert the attempts of new leases; return their events, which the caller stores."""
+        """Insert the attempts of new leases, unless the claim did; return their events, which the caller stores."""
         now = utc_now()
-        await insert_rows(
-            connection,
-            task_attempts,
-            [
-                {
-                    "task_id": lease.task_id,
-                    "number": lease.attempt,
-                    "worker_id": worker_id,
-                    "lease_token": lease.token,
-                    "outcome": "running",
-                    "started_at": now,
-                }
-                for lease in leases
-            ],
-        )
+        if insert_attempts:
+            await insert_rows(
+                connection,
+                task_attempts,
+                [
+                    {
+                        "task_id": lease.task_id,
+                        "number": lease.attempt,
+                        "worker_id": worker_id,
+                        "lease_token": lease.token,
+                        "outcome": "running",
+                        "started_at": now,
+                    }
+                    for lease in leases
+                ],
+            )
 
         by_project: dict[str, list[NewEvent]] = {}
         for lease in leases:
@@ -600,6 +725,24 @@ async def release_dependents_many(
         RELEASE_DEPENDENTS, {"finished_ids": list(task_ids), "ready_at": time.time()}
     )
     return [(dependent, project_id) for dependent, project_id, status in rows if status == TaskStatus.READY]
+
+
+def _completion_events(
+    held: Sequence[FinishedTask], released: Sequence[tuple[str, str]]
+) -> dict[str, list[NewEvent]]:
+    """Return, by project, the events of stored results and of the dependents they released."""
+    events_by_project: dict[str, list[NewEvent]] = {}
+    for item in held:
+        lease = item.lease
+        events_by_project.setdefault(lease.project_id, []).extend(
+            [
+                NewEvent("task.completed", {"key": lease.key, "role": lease.role}, lease.task_id),
+                *item.events,
+            ]
+        )
+    for task_id, project_id in released:
+        events_by_project.setdefault(project_id, []).append(NewEvent("task.ready", {}, task_id))
+    return events_by_project
 
 
 async def _read_contexts(connection: AsyncConnection, claimed: Sequence[Row]) -> dict[str, TaskContext]:

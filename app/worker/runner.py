@@ -127,10 +127,14 @@ class Worker:
             # Cleared before the claim, so a wake-up that arrives while claiming is kept.
             self._wake.clear()
             free = self.settings.concurrency - len(self._running)
+            # At most one batch's worth per transaction: the first tasks start while the
+            # rest are claimed, and tasks claimed together finish together, so each group
+            # of them later fits one completion batch.
+            limit = min(free, self.settings.completion_batch_size)
             claimed: list[Lease] = []
             if free > 0:
                 try:
-                    claimed = await self.queue.claim(self.worker_id, free)
+                    claimed = await self.queue.claim(self.worker_id, limit)
                 except Exception as exc:  # noqa: BLE001 - a database outage must not end the worker
                     logger.error(
                         "claiming tasks failed: %s",
@@ -142,7 +146,7 @@ class Worker:
             for lease in claimed:
                 self._start(lease)
 
-            if claimed and len(claimed) == free:
+            if claimed and len(claimed) == limit:
                 continue  # the queue may hold more; claim again as soon as a slot frees up
             await self._wait_for_work(self.settings.poll_interval_seconds)
 

@@ -218,3 +218,36 @@ async def test_cancelled_sweep_ends_the_worker(runtime, monkeypatch):
 
     assert running in done, "the worker still runs: its sweeper took the cancellation for an error"
     assert running.exception() is None
+
+
+async def test_claim_loop_claims_one_batch_at_most(database_url, tmp_path):
+    """A worker whose free slots exceed a completion batch claims them in several transactions."""
+    runtime = await start_runtime(
+        database_url,
+        tmp_path,
+        TORONTO_AI_WORKER__CONCURRENCY="8",
+        TORONTO_AI_WORKER__COMPLETION_BATCH_SIZE="3",
+    )
+    try:
+        limits: list[int] = []
+        claim = runtime.queue.claim
+
+        async def recording_claim(worker_id: str, limit: int):
+            limits.append(limit)
+            return await claim(worker_id, limit)
+
+        runtime.queue.claim = recording_claim
+        worker = Worker(runtime.database, runtime.executor, runtime.settings)
+        running = asyncio.create_task(worker.run())
+        try:
+            project_ids = [await submit(runtime) for _ in range(3)]
+            projects = [await wait_for_final(runtime, project_id) for project_id in project_ids]
+        finally:
+            worker.stop()
+            await running
+    finally:
+        await runtime.aclose()
+
+    assert [project.status for project in projects] == [ProjectStatus.COMPLETED] * 3
+    assert limits
+    assert max(limits) <= 3
