@@ -81,8 +81,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=16,
-        help="worker concurrency of the overhead runs (the product default)",
+        nargs="+",
+        default=[16, 128],
+        help="worker concurrencies of the in-process overhead runs; the first also sets the "
+        "multi-process run (default: 16, the product default, and 128)",
     )
     parser.add_argument(
         "--worker-processes",
@@ -136,7 +138,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     preset = PRESETS["quick" if arguments.quick else "full"]
     arguments.tasks = arguments.tasks or preset["tasks"]
     arguments.repeat = arguments.repeat or preset["repeat"]
-    for name in ("tasks", "repeat", "tasks_per_project", "concurrency", "rounds", "latency_ms"):
+    if min(arguments.concurrency) < 1:
+        parser.error(f"--concurrency values must be at least 1, got {arguments.concurrency}")
+    for name in ("tasks", "repeat", "tasks_per_project", "rounds", "latency_ms"):
         if getattr(arguments, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(arguments, name)}")
     if min(arguments.efficiency_concurrency) < 1:
@@ -177,7 +181,7 @@ def plan_steps(arguments: argparse.Namespace) -> list[Step]:
                 task_count=tasks,
                 tasks_per_project=per_project,
                 latency_ms=0,
-                concurrency=arguments.concurrency,
+                concurrency=arguments.concurrency[0],
                 timeout_seconds=timeout,
             )
 
@@ -185,19 +189,17 @@ def plan_steps(arguments: argparse.Namespace) -> list[Step]:
         async with temporary_postgres_database(port) as dsn:
             return await asyncio.wait_for(run(dsn, tasks, *options), timeout)
 
-    concurrency = arguments.concurrency
-    steps = [
-        Step(
-            OVERHEAD,
-            f"SQLite, 1 worker in-process, concurrency {concurrency}",
-            lambda: in_process("sqlite", 0, concurrency, tasks),
-        ),
-        Step(
-            OVERHEAD,
-            f"PostgreSQL, 1 worker in-process, concurrency {concurrency}",
-            lambda: in_process("postgresql", 0, concurrency, tasks),
-        ),
-    ]
+    steps = []
+    for concurrency in arguments.concurrency:
+        for engine, engine_label in (("sqlite", "SQLite"), ("postgresql", "PostgreSQL")):
+            steps.append(
+                Step(
+                    OVERHEAD,
+                    f"{engine_label}, 1 worker in-process, concurrency {concurrency}",
+                    lambda engine=engine, value=concurrency: in_process(engine, 0, value, tasks),
+                )
+            )
+    concurrency = arguments.concurrency[0]
     if arguments.worker_processes:
         steps.append(
             Step(
