@@ -40,7 +40,7 @@ from app.agent.executor import Execution
 from app.core.logging import configure_logging
 from app.db.models import projects
 from app.runtime import Runtime
-from app.worker import driver_statements
+from app.worker import driver_statements, sqlite_statements
 from app.worker.runner import Worker
 from bench import product_runs
 from bench.databases import temporary_postgres_database, temporary_sqlite_url
@@ -53,18 +53,26 @@ MAIN_STATEMENT_AFTER_WITH = re.compile(r"\)\s*(SELECT|INSERT INTO|UPDATE|DELETE 
 SEQUENTIAL_STEPS = ("claim", "execute", "store")
 
 
-# The statements of app.worker.driver_statements, by the name of their constant there.
+# The statements of app.worker.driver_statements and app.worker.sqlite_statements, by the
+# name of their constant there.
 DRIVER_STATEMENT_NAMES = {
     value: f"driver {name}"
     for name, value in vars(driver_statements).items()
     if name.isupper() and isinstance(value, str) and value.lstrip().startswith(("WITH", "SELECT"))
+} | {
+    value: f"sqlite {name}"
+    for name, value in vars(sqlite_statements).items()
+    if name.isupper()
+    and isinstance(value, str)
+    and value.lstrip().startswith(("WITH", "SELECT", "UPDATE", "INSERT"))
 }
 
 
 def statement_key(statement: str) -> str:
     """Return the kind and main table of a statement, for example ``UPDATE tasks``.
 
-    A statement of app.worker.driver_statements is named by its constant there.
+    A statement of app.worker.driver_statements or app.worker.sqlite_statements is named by
+    its constant there.
     """
     if statement in DRIVER_STATEMENT_NAMES:
         return DRIVER_STATEMENT_NAMES[statement]
@@ -104,7 +112,8 @@ class StatementLog:
             self.checkouts[self.step] += 1
 
     def attach_driver_statements(self) -> None:
-        """Count the statements that app.worker.driver_statements sends to asyncpg directly.
+        """Count the statements that app.worker.driver_statements and
+        app.worker.sqlite_statements send to asyncpg and aiosqlite directly.
 
         They bypass SQLAlchemy, so its events never see them.
         """
@@ -134,6 +143,28 @@ class StatementLog:
             return CountingDriver(await original(connection))
 
         driver_statements.driver_connection = counting_connection
+
+        original_sqlite = sqlite_statements.driver_connection
+
+        class CountingSQLiteDriver:
+            def __init__(self, driver: Any) -> None:
+                self._driver = driver
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._driver, name)
+
+            async def execute_fetchall(self, query: str, arguments: Any) -> Any:
+                log.statements[(log.step, statement_key(query))] += 1
+                return await self._driver.execute_fetchall(query, arguments)
+
+            async def executemany(self, query: str, rows: Any) -> Any:
+                log.statements[(log.step, statement_key(query))] += 1
+                return await self._driver.executemany(query, rows)
+
+        async def counting_sqlite_connection(connection: Any) -> CountingSQLiteDriver:
+            return CountingSQLiteDriver(await original_sqlite(connection))
+
+        sqlite_statements.driver_connection = counting_sqlite_connection
 
     def statements_of(self, step: str) -> int:
         return sum(count for (counted_step, _), count in self.statements.items() if counted_step == step)

@@ -10,8 +10,9 @@ The data-modifying CTEs below also turn the 13 statements of a batch into 4, or 
 claimed task has dependencies.
 
 Every write changes the same rows as the SQLAlchemy statements of ``app.worker.queue`` and
-``app.db.records``, which SQLite uses: ``tests/integration/test_driver_statements.py``
-compares the two. Rows of several tasks are sent as one array per column, so a statement's
+``app.db.records``, which run when ``TaskQueue.use_driver_statements`` is False:
+``tests/integration/test_driver_statements.py`` compares the two. SQLite has its own
+driver statements in ``app.worker.sqlite_statements``. Rows of several tasks are sent as one array per column, so a statement's
 text, and its plan, is the same for any number of tasks.
 """
 

@@ -15,8 +15,8 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import asyncpg
 from sqlalchemy import Integer, Row, String, and_, bindparam, case, func, or_, select, union_all, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -27,7 +27,7 @@ from app.db.locking import lock_tasks_in_id_order
 from app.db.models import artifacts, llm_calls, messages, projects, task_attempts, task_dependencies, tasks
 from app.db.records import NewEvent, TaskRecords, append_events, append_events_many, insert_rows, utc_now
 from app.db.states import FINAL_PROJECT_STATUSES, OPEN_TASK_STATUSES, ProjectStatus, TaskKind, TaskStatus
-from app.worker import driver_statements
+from app.worker import driver_statements, sqlite_statements
 
 # The statements of the hot path are built once: SQLAlchemy then only looks up their
 # compiled form, which costs about half as much CPU as building a statement per call.
@@ -213,9 +213,11 @@ class TaskQueue:
     def __init__(self, database: Database, settings: WorkerSettings) -> None:
         self.database = database
         self.settings = settings
-        # On PostgreSQL a batch is stored and refilled by the asyncpg statements of
-        # app.worker.driver_statements; False sends them through SQLAlchemy, as on SQLite.
-        self.use_driver_statements = database.dialect == "postgresql"
+        # A batch is stored and refilled by statements sent to the driver connection: those
+        # of app.worker.driver_statements on PostgreSQL (asyncpg) and of
+        # app.worker.sqlite_statements on SQLite (aiosqlite). False sends them through SQLAlchemy.
+        self.use_driver_statements = True
+        self.statements: Any = sqlite_statements if database.is_sqlite else driver_statements
 
     async def claim(self, worker_id: str, limit: int) -> list[Lease]:
         """Lease up to ``limit`` ready tasks in a transaction of their own; see ``claim_in``."""
@@ -234,8 +236,8 @@ class TaskQueue:
                 events_by_project = await self._record_claims(
                     connection, worker_id, leases, insert_attempts=False
                 )
-                driver = await driver_statements.driver_connection(connection)
-                await driver_statements.store_events_and_records(driver, events_by_project, (), utc_now())
+                driver = await self.statements.driver_connection(connection)
+                await self.statements.store_events_and_records(driver, events_by_project, (), utc_now())
             return leases
         leases, events_by_project = await self._lease(connection, worker_id, limit)
         await append_events_many(connection, events_by_project)
@@ -491,22 +493,34 @@ class TaskQueue:
     async def _complete_and_claim_by_driver(
         self, connection: AsyncConnection, finished: Sequence[FinishedTask], worker_id: str, limit: int
     ) -> tuple[list[bool], list[Lease]]:
-        """Run ``complete_and_claim`` on PostgreSQL in 4 or 5 statements; see app.worker.driver_statements."""
+        """Run ``complete_and_claim`` with the statements of ``self.statements``.
+
+        On PostgreSQL that takes 4 or 5 statements (see app.worker.driver_statements). On
+        SQLite it takes 12, one more when a claimed task has dependencies and one more when
+        it starts a plan (see app.worker.sqlite_statements).
+        """
         finished_ids = {item.lease.task_id for item in finished}
-        # Sent through SQLAlchemy, this statement also begins the transaction.
-        locked = await connection.execute(LOCK_FINISHED_AND_DEPENDENTS, {"task_ids": sorted(finished_ids)})
-        tokens = {
-            task_id: token
-            for task_id, token, status in locked
-            if status == TaskStatus.RUNNING and task_id in finished_ids
-        }
+        statements = self.statements
+        if statements is sqlite_statements:
+            driver = await sqlite_statements.driver_connection(connection)
+            tokens = await sqlite_statements.read_running_tokens(driver, sorted(finished_ids))
+        else:
+            # Sent through SQLAlchemy, this statement also begins the transaction.
+            locked = await connection.execute(
+                LOCK_FINISHED_AND_DEPENDENTS, {"task_ids": sorted(finished_ids)}
+            )
+            tokens = {
+                task_id: token
+                for task_id, token, status in locked
+                if status == TaskStatus.RUNNING and task_id in finished_ids
+            }
+            driver = await driver_statements.driver_connection(connection)
         held = [item for item in finished if tokens.get(item.lease.task_id) == item.lease.token]
-        driver = await driver_statements.driver_connection(connection)
         now = utc_now()
 
         events_by_project: dict[str, list[NewEvent]] = {}
         if held:
-            released = await driver_statements.complete_and_release(
+            released = await statements.complete_and_release(
                 driver,
                 [(item.lease.task_id, item.lease.token, item.output) for item in held],
                 now,
@@ -519,21 +533,22 @@ class TaskQueue:
             claim_events = await self._record_claims(connection, worker_id, leases, insert_attempts=False)
             for project_id, new_events in claim_events.items():
                 events_by_project.setdefault(project_id, []).extend(new_events)
-        await driver_statements.store_events_and_records(
+        await statements.store_events_and_records(
             driver, events_by_project, [item.records for item in held], now
         )
         held_ids = {id(item) for item in held}
         return [id(item) in held_ids for item in finished], leases
 
     async def _lease_by_driver(
-        self, connection: AsyncConnection, driver: asyncpg.Connection | None, worker_id: str, limit: int
+        self, connection: AsyncConnection, driver: Any, worker_id: str, limit: int
     ) -> list[Lease]:
         """Lease up to ``limit`` ready tasks and insert their attempts, as ``_lease`` does.
 
-        Without ``driver``, the claim goes through SQLAlchemy and begins the transaction.
+        Without ``driver``, the claim on PostgreSQL goes through SQLAlchemy and begins the
+        transaction. SQLite's transaction has begun already, so its claim fetches the driver.
         """
         now = time.time()
-        rows = await driver_statements.claim(
+        rows = await self.statements.claim(
             connection,
             driver,
             worker_id=worker_id,
@@ -545,8 +560,8 @@ class TaskQueue:
         dependency_ids = sorted({dependency for row in rows for dependency in row["depends_on"] or ()})
         outputs: dict[str, DependencyOutput] = {}  # in plan order, the order prompts quote them in
         if dependency_ids:
-            driver = driver or await driver_statements.driver_connection(connection)
-            for row in await driver_statements.read_outputs(driver, dependency_ids):
+            driver = driver or await self.statements.driver_connection(connection)
+            for row in await self.statements.read_outputs(driver, dependency_ids):
                 outputs[row["id"]] = DependencyOutput(row["key"], row["title"], row["role"], row["output"])
         leases = []
         for row in rows:

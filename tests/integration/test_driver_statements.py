@@ -1,19 +1,16 @@
-"""The asyncpg statements of a worker's batches store the same rows as the SQLAlchemy ones."""
+"""The driver statements of a worker's batches (asyncpg on PostgreSQL, aiosqlite on SQLite)
+store the same rows as the SQLAlchemy ones."""
 
 import dataclasses
 import json
 
-import pytest
 from sqlalchemy import select
 
 from app.agent.executor import Execution
 from app.db.models import artifacts, events, llm_calls, messages, projects, task_attempts, tasks
 from app.db.states import ProjectStatus
+from app.worker import driver_statements, sqlite_statements
 from tests.integration.helpers import start_runtime, submit
-
-pytestmark = pytest.mark.parametrize(
-    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
-)
 
 WORKER = "worker-a"
 
@@ -179,9 +176,11 @@ async def test_driver_and_sqlalchemy_store_same_rows(database_url, tmp_path):
         assert driver_rows[table] == sqlalchemy_rows[table], table
 
 
-async def test_driver_statements_run_on_postgresql(database_url, tmp_path):
+async def test_driver_statements_run_by_default(database_url, tmp_path):
     runtime = await start_runtime(database_url, tmp_path)
     try:
         assert runtime.queue.use_driver_statements
+        expected = sqlite_statements if runtime.database.is_sqlite else driver_statements
+        assert runtime.queue.statements is expected
     finally:
         await runtime.aclose()
