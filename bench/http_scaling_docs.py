@@ -121,7 +121,7 @@ def render_section(results: dict[str, Any], plot_name: str) -> str:
         "nginx runs one C worker per core. Where the instances are cheap, as with cached reads, "
         "the balancer's own CPU per request decides how far it goes. Served by uvicorn with "
         "aiohttp's client, the balancer reached 0.47 of nginx over 3 instances in this benchmark "
-        "at commit `0bc06c7`; a py-spy profile then put about 35 % of its CPU in aiohttp's client "
+        "at commit `0bc06c7`. A py-spy profile then put about 35 % of its CPU in aiohttp's client "
         "and about 13 % in uvicorn's two socket writes per response.",
     ]
     return "\n".join(lines)
