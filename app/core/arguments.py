@@ -37,6 +37,13 @@ def parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"{text!r} is not host:port; write it like 127.0.0.1:8001")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host or any(character.isspace() or character in ",;/" for character in host):
+        # Several addresses run together, such as "a:8001 b:8002", or an IPv6 address
+        # without brackets.
+        raise ValueError(
+            f"{text!r} is not one host:port; separate addresses with commas, as in "
+            "127.0.0.1:8001,127.0.0.1:8002, and write IPv6 hosts in brackets, as in [::1]:8001"
+        )
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r} has no valid port; use a number from 1 to 65535 after the colon")
     return host, int(port_text)

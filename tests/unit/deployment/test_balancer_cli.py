@@ -35,6 +35,9 @@ def run_module(module: str, *arguments: str, tmp_path: Path) -> subprocess.Compl
         ("127.0.0.1:99999", "'127.0.0.1:99999' has no valid port"),
         ("127.0.0.1:abc", "has no valid port"),
         ("127.0.0.1:8001,127.0.0.1:8001", "listed twice"),
+        ("127.0.0.1:8001 127.0.0.1:8002", "separate addresses with commas"),
+        ("127.0.0.1:8001;127.0.0.1:8002", "separate addresses with commas"),
+        ("::1:8001", "write IPv6 hosts in brackets"),
         (",", "no backend given"),
     ],
 )
