@@ -287,13 +287,15 @@ def async_url(raw: str) -> URL:
         "postgresql": "postgresql+asyncpg",
         "postgres": "postgresql+asyncpg",
     }
-    backend = url.get_backend_name()
+    # Read from the URL's text: get_driver_name() would load the dialect, and SQLAlchemy
+    # no longer has one named "postgres", the scheme many hosting providers hand out.
+    backend, _, driver = url.drivername.partition("+")
     if backend not in drivers:
         raise ConfigError(
             f"database.url: unsupported database {backend!r} in {url.render_as_string(hide_password=True)}; "
             "use a sqlite:/// file or a postgresql:// server"
         )
-    if url.get_driver_name() in ("", "pysqlite", "psycopg2", "psycopg"):
+    if backend == "postgres" or driver in ("", "pysqlite", "psycopg2", "psycopg"):
         url = url.set(drivername=drivers[backend])
     return url
 

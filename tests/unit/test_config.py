@@ -238,6 +238,27 @@ def test_unusable_database_urls(url, message):
         async_url(url)
 
 
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("postgres://user@127.0.0.1:5432/app", "postgresql+asyncpg"),
+        ("postgresql+psycopg2://user@127.0.0.1:5432/app", "postgresql+asyncpg"),
+        ("sqlite:///data/app.db", "sqlite+aiosqlite"),
+    ],
+)
+def test_database_url_gets_async_driver(url, driver):
+    from app.db.engine import async_url
+
+    assert async_url(url).drivername == driver
+
+
+def test_unsupported_database_named():
+    from app.db.engine import async_url
+
+    with pytest.raises(ConfigError, match="unsupported database 'mysql'"):
+        async_url("mysql://user@127.0.0.1/app")
+
+
 def test_cache_config_file_selects_cluster(tmp_path):
     write(tmp_path / "config.json", {"caching": {"provider": "redis", "redis_port": 6380, "ttl": 60}})
     write(
