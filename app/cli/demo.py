@@ -117,6 +117,10 @@ async def _ingest(client: httpx.AsyncClient, name: str, folder: Path) -> bool:
     queued = response.json()
     waiting = queued["added"] + queued["replaced"]
     print(f"Knowledge base {name}: {_count(len(documents), 'document')} from {folder}, {waiting} to ingest")
+    if waiting:
+        # The worker loads the embedding model with the first document, so the bar does not
+        # move for the first few seconds.
+        print("Loading the embedding model for the first document...")
 
     deadline = time.monotonic() + INGESTION_TIMEOUT
     with tqdm(total=waiting, unit="doc", desc="ingesting", disable=not waiting) as progress:

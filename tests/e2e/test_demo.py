@@ -51,6 +51,7 @@ def test_demo_report_cites_several_documents(tmp_path):
 
     assert result.returncode == 0, result.stderr
     assert "Knowledge base python-peps: 7 documents" in result.stdout
+    assert "Loading the embedding model for the first document..." in result.stdout
     sources = result.stdout.rpartition("### Sources")[2]
     cited = set(re.findall(r"^- \[\d+\] (pep-\d+\.rst),", sources, re.MULTILINE))
     # The report carries the passages behind its tasks, which each draw on their own part
