@@ -41,6 +41,27 @@ class LLMCallRecord:
     error: str | None = None
 
 
+# The keys of the rows in TaskRecords, in the order in which the statements sent to the
+# database driver directly (app.worker.driver_statements, sqlite_statements) list them.
+MESSAGE_COLUMNS = ("project_id", "task_id", "agent_role", "sender", "content")
+CALL_COLUMNS = (
+    "project_id",
+    "task_id",
+    "attempt",
+    "agent_role",
+    "provider",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "cost_usd",
+    "cache_hit",
+    "status",
+    "error",
+)
+ARTIFACT_COLUMNS = ("project_id", "task_id", "name", "media_type", "content")
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecords:
     """The rows of ``messages``, ``llm_calls`` and ``artifacts`` that a finished task adds."""

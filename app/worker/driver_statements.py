@@ -28,7 +28,7 @@ import asyncpg
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.db.records import NewEvent, TaskRecords
+from app.db.records import ARTIFACT_COLUMNS, CALL_COLUMNS, MESSAGE_COLUMNS, NewEvent, TaskRecords
 from app.db.states import TaskStatus
 from app.errors import NotFoundError
 
@@ -154,24 +154,6 @@ WITH locked AS MATERIALIZED (
 )
 SELECT count(*) FROM new_events
 """
-
-MESSAGE_COLUMNS = ("project_id", "task_id", "agent_role", "sender", "content")
-CALL_COLUMNS = (
-    "project_id",
-    "task_id",
-    "attempt",
-    "agent_role",
-    "provider",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "latency_ms",
-    "cost_usd",
-    "cache_hit",
-    "status",
-    "error",
-)
-ARTIFACT_COLUMNS = ("project_id", "task_id", "name", "media_type", "content")
 
 
 # The SQLAlchemy exception that SQLAlchemy 2.1's asyncpg dialect raises for each asyncpg

@@ -29,7 +29,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db.models import tasks
-from app.db.records import NewEvent, TaskRecords
+from app.db.records import ARTIFACT_COLUMNS, CALL_COLUMNS, MESSAGE_COLUMNS, NewEvent, TaskRecords
 from app.db.states import TaskStatus
 from app.errors import NotFoundError
 
@@ -150,23 +150,6 @@ INSERT INTO artifacts (project_id, task_id, name, media_type, content, created_a
 VALUES (?, ?, ?, ?, ?, ?)
 """
 
-MESSAGE_COLUMNS = ("project_id", "task_id", "agent_role", "sender", "content")
-CALL_COLUMNS = (
-    "project_id",
-    "task_id",
-    "attempt",
-    "agent_role",
-    "provider",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "latency_ms",
-    "cost_usd",
-    "cache_hit",
-    "status",
-    "error",
-)
-ARTIFACT_COLUMNS = ("project_id", "task_id", "name", "media_type", "content")
 
 # The SQLAlchemy exception that SQLAlchemy 2.1's aiosqlite dialect raises for each sqlite3
 # error, most specific first, so that callers catch the same exceptions on both paths.
