@@ -97,7 +97,7 @@ class UpstreamResponse:
             and self.content_length <= self.buffer_limit
         )
         if self.head_only:
-            # A response to HEAD has no body whatever its Content-Length says, and
+            # A response to HEAD has no body whatever its Content-Length declares, and
             # httptools has no option to skip it: the response ends with its headers.
             self._finish()
         elif not self.buffered:
