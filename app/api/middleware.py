@@ -14,6 +14,9 @@ from app.monitoring.metrics import HTTP_REQUEST_SECONDS
 logger = logging.getLogger("app.api.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+# Load balancers and Kubernetes probe these every few seconds. A passing probe is logged at
+# DEBUG so that it does not bury the requests of users; a failing one stays at INFO.
+PROBE_PATHS = frozenset({"/health", "/ready"})
 
 
 class RequestContextMiddleware:
@@ -50,7 +53,9 @@ class RequestContextMiddleware:
             route = scope.get("route")
             path_template = getattr(route, "path", "unmatched")
             HTTP_REQUEST_SECONDS.labels(scope["method"], path_template, str(status_code)).observe(elapsed)
-            logger.info(
+            passing_probe = scope["path"] in PROBE_PATHS and status_code == 200
+            logger.log(
+                logging.DEBUG if passing_probe else logging.INFO,
                 "%s %s %s %.1fms",
                 scope["method"],
                 scope["path"],
