@@ -164,7 +164,9 @@ class LoadBalancer:
         )
         await checker.check_once(initial=True)
         self._health_task = asyncio.create_task(checker.run(), name="lb-health-checks")
-        logger.info(
+        # With no instance admitted every request gets 503 until one passes a health check.
+        logger.log(
+            logging.INFO if self.pool.admitted() else logging.WARNING,
             "load balancer started with %d of %d backends admitted",
             len(self.pool.admitted()),
             len(self.pool.backends),

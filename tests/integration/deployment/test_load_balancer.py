@@ -253,6 +253,7 @@ def test_instance_started_late_joins_unejected(tmp_path: Path) -> None:
             served = client.get("/echo")
         waiting = balancer.records("lb.backend_waiting")
         ejected = balancer.records("lb.backend_ejected")
+        started = balancer.records("lb.started")
     finally:
         stop(balancer)
         backend.stop()
@@ -263,6 +264,8 @@ def test_instance_started_late_joins_unejected(tmp_path: Path) -> None:
     assert served.status_code == 200
     assert [record["backend"] for record in waiting] == [backend.address]
     assert ejected == []
+    # Every request gets 503 until the instance joins, which an operator must notice.
+    assert [record["level"] for record in started] == ["WARNING"]
 
 
 def test_instance_cookies_not_shared(tmp_path: Path) -> None:
