@@ -18,7 +18,7 @@ from app.errors import TorontoAIError
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Start one API instance of the TORONTO AI TEAM AGENT backend."
+        description="Start one API instance of the TORONTO AI TEAM AGENT backend.", allow_abbrev=False
     )
     parser.add_argument(
         "--port", type=port_number, help="TCP port to listen on (default: TORONTO_AI_PORT or 8000)"

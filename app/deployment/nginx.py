@@ -101,6 +101,7 @@ def find_nginx() -> str:
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m app.deployment.nginx",
+        allow_abbrev=False,
         description=(
             "Render the nginx configuration for the given API instances and run nginx in the foreground."
         ),

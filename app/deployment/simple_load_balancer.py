@@ -54,6 +54,8 @@ def backend_list(text: str) -> list[str]:
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m app.deployment.simple_load_balancer",
+        # "--backend" would otherwise pass for "--backends", and a typo for a real option.
+        allow_abbrev=False,
         description=(
             "Balance HTTP requests over several API instances (a development tool; use nginx in production)."
         ),

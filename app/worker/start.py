@@ -44,7 +44,9 @@ async def run_worker(concurrency: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m app.worker.start", description="Run a worker that claims and executes tasks."
+        prog="python -m app.worker.start",
+        description="Run a worker that claims and executes tasks.",
+        allow_abbrev=False,
     )
     parser.add_argument("--concurrency", type=int, help="tasks run at once (default: worker.concurrency)")
     arguments = parser.parse_args(argv)

@@ -47,6 +47,14 @@ def test_balancer_rejects_bad_backends(backends: str, message: str, tmp_path: Pa
     assert message in result.stderr
 
 
+def test_balancer_rejects_option_prefix(tmp_path: Path) -> None:
+    result = run_module(
+        "app.deployment.simple_load_balancer", "--backend", "127.0.0.1:8001", tmp_path=tmp_path
+    )
+    assert result.returncode == 2
+    assert "unrecognized arguments: --backend" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("port", "message"),
     [("70000", "70000 is not a TCP port"), ("0", "0 is not a port clients can connect to")],
