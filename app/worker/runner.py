@@ -26,6 +26,8 @@ from contextlib import suppress
 from app.agent.executor import Execution, ProjectClosedError, TaskExecutor
 from app.core.config import Settings
 from app.db.engine import Database
+from app.db.projects import get_task
+from app.db.states import TaskStatus
 from app.errors import ConfigError, LLMError, LLMRateLimitError, PlanValidationError
 from app.knowledge.ingestion import DocumentIngestor
 from app.signals import Channel, SignalBus
@@ -273,10 +275,28 @@ class Worker:
             self.completed += 1
             logger.info("task completed", extra={"action": "task.completed", **ids})
         else:
-            logger.warning(
-                "result discarded: the task was cancelled, or its lease expired and passed to another attempt",
-                extra={"action": "task.result_discarded", **ids},
+            await self._log_discarded(lease, ids)
+
+    async def _log_discarded(self, lease: Lease, ids: dict[str, object]) -> None:
+        """Log why a result was not stored: its task was cancelled, or its lease passed on."""
+        try:
+            async with self.database.read() as connection:
+                status = (await get_task(connection, lease.project_id, lease.task_id)).status
+        except Exception as exc:  # noqa: BLE001 - the status only refines a log line
+            raise_if_cancelling(exc)
+            status = "unknown"
+        if status == TaskStatus.CANCELLED:
+            # A cancel is routine, and the cancel itself was logged.
+            logger.info(
+                "result discarded: the task was cancelled while it ran",
+                extra={"action": "task.result_discarded", "reason": "cancelled", **ids},
             )
+            return
+        logger.warning(
+            "result discarded: the lease expired and passed to another attempt (task now %s)",
+            status,
+            extra={"action": "task.result_discarded", "reason": "lease_lost", "task_status": status, **ids},
+        )
 
     async def _retry(self, execution: Execution, error: str, delay: float | None) -> None:
         lease = execution.lease

@@ -13,7 +13,7 @@ import pytest
 from app.agent import executor as executor_module
 from app.agent.team import PROJECT_MANAGER
 from app.db import projects as store
-from app.db.models import roles
+from app.db.models import roles, tasks
 from app.db.states import ProjectStatus
 from app.errors import LLMRequestError, LLMServerError
 from app.llm.base import Completion, CompletionRequest
@@ -251,3 +251,32 @@ async def test_claim_loop_claims_one_batch_at_most(database_url, tmp_path):
     assert [project.status for project in projects] == [ProjectStatus.COMPLETED] * 3
     assert limits
     assert max(limits) <= 3
+
+
+@pytest.mark.parametrize(
+    ("cancel", "reason", "level"), [(True, "cancelled", "INFO"), (False, "lease_lost", "WARNING")]
+)
+async def test_discarded_result_names_reason(runtime, caplog, cancel, reason, level):
+    project_id = await submit(runtime)
+    worker = Worker(runtime.database, runtime.executor, runtime.settings)
+    [lease] = await runtime.queue.claim(worker.worker_id, 1)
+    async with runtime.database.transaction() as connection:
+        if cancel:
+            await store.cancel_project(connection, project_id)
+        else:
+            # Another worker's attempt took the task over after this lease expired.
+            await connection.execute(
+                tasks.update()
+                .where(tasks.c.id == lease.task_id)
+                .values(status="ready", lease_token=lease.token + 1)
+            )
+    ids = {"worker_id": worker.worker_id, "task_id": lease.task_id, "project_id": project_id}
+
+    with caplog.at_level("INFO", logger="app.worker.runner"):
+        await worker._log_discarded(lease, ids)
+    [record] = [
+        record for record in caplog.records if getattr(record, "action", "") == "task.result_discarded"
+    ]
+
+    assert record.reason == reason
+    assert record.levelname == level
