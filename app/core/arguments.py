@@ -56,6 +56,10 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     lists only the subcommands. The usage of the subcommand the option followed shows the
     options that are valid there.
     """
+    # A prefix such as --top for --top-k would otherwise be accepted, so a typo could pick
+    # another option without a word.
+    for each in _all_parsers(parser):
+        each.allow_abbrev = False
     arguments, unknown = parser.parse_known_args(argv)
     if unknown:
         _innermost_parser(parser, arguments).error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -72,3 +76,13 @@ def _innermost_parser(
             if chosen in action.choices:
                 return _innermost_parser(action.choices[chosen], arguments)
     return parser
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Return ``parser`` and the parsers of all its subcommands, nested ones included."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                found.extend(_all_parsers(subparser))
+    return found

@@ -1,4 +1,4 @@
-"""Unknown options are reported with the usage of the subcommand they follow."""
+"""Unknown options and option prefixes are reported under the subcommand they follow."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ from app.training.cli import main as training_main
             training_main,
             ["vector_db", "--status", "--bogus"],
             "python -m app.training.cli vector_db: error: unrecognized arguments: --bogus",
+        ),
+        (
+            training_main,
+            ["query", "docs", "text", "--top", "3"],
+            "python -m app.training.cli query: error: unrecognized arguments: --top 3",
         ),
     ],
 )
