@@ -19,8 +19,8 @@ text, and its plan, is the same for any number of tasks.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ import asyncpg
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.db.driver_errors import ErrorTranslations, sqlalchemy_errors
 from app.db.records import ARTIFACT_COLUMNS, CALL_COLUMNS, MESSAGE_COLUMNS, NewEvent, TaskRecords
 from app.db.states import TaskStatus
 from app.errors import NotFoundError
@@ -158,7 +159,7 @@ SELECT count(*) FROM new_events
 
 # The SQLAlchemy exception that SQLAlchemy 2.1's asyncpg dialect raises for each asyncpg
 # error, most specific first, so that callers catch the same exceptions on both paths.
-_SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[exc.DBAPIError]], ...] = (
+_SQLALCHEMY_ERRORS: ErrorTranslations = (
     (asyncpg.IntegrityConstraintViolationError, exc.IntegrityError),
     (asyncpg.SyntaxOrAccessError, exc.ProgrammingError),
     (asyncpg.InternalServerError, exc.InternalError),
@@ -167,16 +168,9 @@ _SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[exc.DBAPIError]], ...] = (
 )
 
 
-@contextmanager
-def _sqlalchemy_errors(statement: str, arguments: Sequence[Any]) -> Iterator[None]:
+def _sqlalchemy_errors(statement: str, arguments: Sequence[Any]) -> AbstractContextManager[None]:
     """Raise an asyncpg error of ``statement`` as the SQLAlchemy exception it would be through the engine."""
-    try:
-        yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        for asyncpg_error, sqlalchemy_error in _SQLALCHEMY_ERRORS:
-            if isinstance(error, asyncpg_error):
-                raise sqlalchemy_error(statement, arguments, error) from error
-        raise
+    return sqlalchemy_errors(statement, arguments, _SQLALCHEMY_ERRORS)
 
 
 async def driver_connection(connection: AsyncConnection) -> asyncpg.Connection:

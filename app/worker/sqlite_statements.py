@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.db.driver_errors import ErrorTranslations, sqlalchemy_errors
 from app.db.models import tasks
 from app.db.records import ARTIFACT_COLUMNS, CALL_COLUMNS, MESSAGE_COLUMNS, NewEvent, TaskRecords
 from app.db.states import TaskStatus
@@ -153,7 +154,7 @@ VALUES (?, ?, ?, ?, ?, ?)
 
 # The SQLAlchemy exception that SQLAlchemy 2.1's aiosqlite dialect raises for each sqlite3
 # error, most specific first, so that callers catch the same exceptions on both paths.
-_SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[exc.DBAPIError]], ...] = (
+_SQLALCHEMY_ERRORS: ErrorTranslations = (
     (sqlite3.IntegrityError, exc.IntegrityError),
     (sqlite3.OperationalError, exc.OperationalError),
     (sqlite3.ProgrammingError, exc.ProgrammingError),
@@ -164,16 +165,9 @@ _SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[exc.DBAPIError]], ...] = (
 )
 
 
-@contextmanager
-def _sqlalchemy_errors(statement: str, arguments: Any) -> Iterator[None]:
+def _sqlalchemy_errors(statement: str, arguments: Any) -> AbstractContextManager[None]:
     """Raise a sqlite3 error of ``statement`` as the SQLAlchemy exception it would be through the engine."""
-    try:
-        yield
-    except sqlite3.Error as error:
-        for sqlite_error, sqlalchemy_error in _SQLALCHEMY_ERRORS:
-            if isinstance(error, sqlite_error):
-                raise sqlalchemy_error(statement, arguments, error) from error
-        raise
+    return sqlalchemy_errors(statement, arguments, _SQLALCHEMY_ERRORS)
 
 
 async def _fetch(driver: aiosqlite.Connection, statement: str, arguments: Sequence[Any]) -> list[Any]:
