@@ -28,3 +28,14 @@ async def api_without_worker(database_url, tmp_path):
     yield client
     await client.aclose()
     await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def sqlite_client(tmp_path):
+    """The API on one SQLite file, for behaviour that is the same on every engine."""
+    app, lifespan, client = await open_client(
+        make_settings(f"sqlite:///{tmp_path / 'app.db'}", tmp_path), embedded_worker=False
+    )
+    yield client
+    await client.aclose()
+    await lifespan.__aexit__(None, None, None)

@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import httpx
-import pytest
-
-from app.api.app import create_app
-from tests.conftest import make_settings
 
 PROJECTS = "/api/v1/projects"
-
-
-@pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    # Body parsing happens before any query, so one engine is enough here.
-    app = create_app(make_settings(f"sqlite:///{tmp_path / 'app.db'}", tmp_path))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
 
 
 def detail(response: httpx.Response) -> str:
@@ -29,8 +12,8 @@ def detail(response: httpx.Response) -> str:
     return response.json()["detail"]
 
 
-async def test_invalid_json_names_the_problem(client: httpx.AsyncClient) -> None:
-    response = await client.post(
+async def test_invalid_json_names_the_problem(sqlite_client: httpx.AsyncClient) -> None:
+    response = await sqlite_client.post(
         PROJECTS, content=b'{"brief": "x",,}', headers={"Content-Type": "application/json"}
     )
 
@@ -39,8 +22,8 @@ async def test_invalid_json_names_the_problem(client: httpx.AsyncClient) -> None
     assert "send a JSON object" in message
 
 
-async def test_unknown_field_lists_accepted_fields(client: httpx.AsyncClient) -> None:
-    response = await client.post(PROJECTS, json={"brief": "Build a thing.", "titel": "Thing"})
+async def test_unknown_field_lists_accepted_fields(sqlite_client: httpx.AsyncClient) -> None:
+    response = await sqlite_client.post(PROJECTS, json={"brief": "Build a thing.", "titel": "Thing"})
 
     message = detail(response)
     assert "body.titel: unknown field" in message
@@ -48,15 +31,15 @@ async def test_unknown_field_lists_accepted_fields(client: httpx.AsyncClient) ->
     assert "did you mean 'title'?" in message
 
 
-async def test_form_body_asks_for_json(client: httpx.AsyncClient) -> None:
-    response = await client.post(PROJECTS, data={"brief": "Build a thing."})
+async def test_form_body_asks_for_json(sqlite_client: httpx.AsyncClient) -> None:
+    response = await sqlite_client.post(PROJECTS, data={"brief": "Build a thing."})
 
     message = detail(response)
     assert "Content-Type: application/json" in message
     assert "application/x-www-form-urlencoded" in message
 
 
-async def test_json_array_body_asks_for_an_object(client: httpx.AsyncClient) -> None:
-    response = await client.post(PROJECTS, json=["Build a thing."])
+async def test_json_array_body_asks_for_an_object(sqlite_client: httpx.AsyncClient) -> None:
+    response = await sqlite_client.post(PROJECTS, json=["Build a thing."])
 
     assert detail(response) == "invalid request: body: the body must be a JSON object"
