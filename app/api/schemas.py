@@ -21,8 +21,8 @@ NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or
 def valid_name(value: str) -> str:
     """Check a team or knowledge-base name, with a message that states the rule, not the regex."""
     if not re.fullmatch(NAME_PATTERN, value):
-        shown = value if len(value) <= 80 else value[:80] + "..."
-        raise ValueError(f"{shown!r} is not a valid name; use {NAME_RULE}")
+        quoted_value = value if len(value) <= 80 else value[:80] + "..."
+        raise ValueError(f"{quoted_value!r} is not a valid name; use {NAME_RULE}")
     return value
 
 

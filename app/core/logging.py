@@ -72,6 +72,6 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     # Alembic reports its dialect on every start; the service logs its own db.migrated line.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # httpx logs every request at INFO, which for the balancer's health probes is a line
-    # per instance every few seconds; failed probes are logged by the balancer itself.
+    # httpx logs every request at INFO, so the balancer's health probes would add a line per
+    # instance every few seconds. The balancer logs failed probes itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -16,8 +16,8 @@ What it enforces before a request reaches the balancer:
   ("slowloris"). An idle keep-alive connection is closed after ``KEEPALIVE_SECONDS``;
 - a request body that stops arriving for ``header_timeout`` gets 408;
 - at most ``MAX_HEADER_BYTES`` of request line and headers, and as many of trailers: 431;
-- malformed requests and invalid absolute targets get 400, as does a request that asks to
-  switch protocols and has a body; ``CONNECT`` gets 405.
+- malformed requests and invalid absolute targets get 400, as does a request to switch
+  protocols that has a body; ``CONNECT`` gets 405.
 
 Trailer fields after a chunked body are read and dropped, because the body goes to the
 instance with a Content-Length and without them.
@@ -350,8 +350,10 @@ class ClientConnection(asyncio.Protocol):
             try:
                 url = httptools.parse_url(target)
             except httptools.HttpParserInvalidURLError:
-                shown = target[:100].decode("latin-1")
-                self._reject(400, f"invalid request target {shown!r}; send a path such as /api/v1/projects")
+                quoted_target = target[:100].decode("latin-1")
+                self._reject(
+                    400, f"invalid request target {quoted_target!r}; send a path such as /api/v1/projects"
+                )
                 return
             path = url.path or b"/"
             target = path + (b"?" + url.query if url.query else b"")
